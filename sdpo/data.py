@@ -1,0 +1,302 @@
+"""Preference-pair data in the Pick-a-Pic v2 format: jpg_0, jpg_1 (encoded image bytes),
+label_0 (1: jpg_0 preferred, 0: jpg_1 preferred, 0.5: tie) and caption.
+
+Every random choice of an item (crop, flip, empty caption) comes from a generator seeded by
+(seed, epoch, row), and the order of the rows from one seeded by (seed, epoch). So a run that
+resumes at micro-batch m sees exactly the items a straight run sees, without loading any of
+the m batches before it, whatever the number of dataloader workers.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import itertools
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdpo.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("jpg_0", "jpg_1", "label_0", "caption")
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+
+def _parquet_files(folder: str, split: str) -> list[str]:
+    """The split's parquet files in a local copy laid out as on the hub (data/<split>-*.parquet)."""
+    for pattern in (f"data/{split}-*.parquet", f"{split}-*.parquet", f"data/{split}/*.parquet", f"{split}/*.parquet"):
+        files = sorted(glob.glob(os.path.join(folder, pattern)))
+        if files:
+            return files
+    raise InputError(f"no parquet files for split {split!r} in {folder} (looked for data/{split}-*.parquet)")
+
+
+def load_split(name: str, split: str, streaming: bool = False, revision: str | None = None):
+    """A `datasets` split from a hub id, a local folder in the hub's layout or one parquet file."""
+    from datasets import load_dataset
+
+    if os.path.isdir(name):
+        files = _parquet_files(name, split)
+    elif os.path.isfile(name):
+        files = [name]
+    else:
+        files = None
+    try:
+        if files is not None:
+            return load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
+        return load_dataset(name, split=split, streaming=streaming, revision=revision)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
+        raise InputError(f"could not load dataset {name!r} (split {split!r}): {err}") from err
+
+
+def check_columns(column_names, name: str) -> None:
+    """Stop at once, naming the column, if the dataset lacks one we read."""
+    for column in REQUIRED_COLUMNS:
+        if column not in column_names:
+            raise InputError(
+                f"dataset {name!r} has no column {column!r} (it has: {', '.join(column_names)}); "
+                f"preference data needs {', '.join(REQUIRED_COLUMNS)}"
+            )
+
+
+def decided_rows(labels) -> tuple[list[int], int]:
+    """Indices of rows with a decided label (0 or 1) and the number of ties (0.5) dropped."""
+    keep, ties = [], 0
+    for row, label in enumerate(labels):
+        if label == 0.5:
+            ties += 1
+        elif label in (0, 1):
+            keep.append(row)
+        else:
+            raise InputError(f"row {row}: label_0 must be 0, 0.5 or 1, got {label!r}")
+    return keep, ties
+
+
+# ---- one item --------------------------------------------------------------------------------
+
+
+def decode_image(data) -> Image.Image:
+    """Encoded bytes (or a datasets Image dict, or a PIL image) to an RGB PIL image."""
+    if isinstance(data, dict):
+        data = data.get("bytes") or open(data["path"], "rb").read()
+    if isinstance(data, Image.Image):
+        return data.convert("RGB")
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB")
+
+
+def transform_image(image: Image.Image, resolution: int, rng: random.Random, random_crop: bool, hflip: bool):
+    """Resize the shorter side to `resolution` (bilinear), crop a square, maybe flip; to [-1, 1].
+
+    Returns (tensor (3, res, res), original (h, w), crop (top, left)).
+    """
+    w, h = image.size
+    new_w, new_h = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+    if random_crop:
+        top, left = rng.randint(0, new_h - resolution), rng.randint(0, new_w - resolution)
+    else:
+        top, left = int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if hflip and rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (h, w), (top, left)
+
+
+class PairTransform:
+    """A Pick-a-Pic row to a training item: winner first, each image transformed on its own
+    (the two images of a pair flip independently, as in the reference)."""
+
+    def __init__(self, resolution, random_crop=False, hflip=True, proportion_empty_prompts=0.0, winners_only=False):
+        self.resolution = resolution
+        self.random_crop = random_crop
+        self.hflip = hflip
+        self.proportion_empty_prompts = proportion_empty_prompts
+        self.winners_only = winners_only
+
+    def __call__(self, row: dict, rng: random.Random) -> dict:
+        first, second = ("jpg_0", "jpg_1") if row["label_0"] == 1 else ("jpg_1", "jpg_0")
+        columns = (first,) if self.winners_only else (first, second)
+        images = [decode_image(row[c]) for c in columns]
+        pixels = [transform_image(im, self.resolution, rng, self.random_crop, self.hflip)[0] for im in images]
+        caption = row["caption"] if isinstance(row["caption"], str) else str(row["caption"])
+        if rng.random() < self.proportion_empty_prompts:
+            caption = ""
+        return {"pixels": torch.stack(pixels), "caption": caption}
+
+
+class UnreadableCounter:
+    """Warns once per unreadable pair with the row and a running count (per worker process)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def warn(self, row, err):
+        self.count += 1
+        logger.warning("skipping pair at row %s: unreadable image (%s); %d unreadable so far", row, err, self.count)
+
+
+# ---- map-style dataset and its deterministic batches ----------------------------------------
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Map-style pairs over the decided rows of a `datasets` split; items are keyed (epoch, i).
+
+    An unreadable pair is skipped with a warning and the next readable row takes its place, so
+    batches keep their size and the substitution is the same in every run.
+    """
+
+    def __init__(self, hf_dataset, rows: list[int], transform: PairTransform, seed: int):
+        self.data = hf_dataset
+        self.rows = rows
+        self.transform = transform
+        self.seed = seed
+        self.unreadable = UnreadableCounter()
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        for attempt in range(len(self.rows)):
+            row = self.rows[(index + attempt) % len(self.rows)]
+            rng = random.Random(f"{self.seed}:{epoch}:{row}")
+            try:
+                return self.transform(self.data[row], rng)
+            except (OSError, ValueError, SyntaxError) as err:  # what PIL raises on bad bytes
+                self.unreadable.warn(row, err)
+        raise InputError("no pair in the dataset has two readable images")
+
+
+class PairBatchSampler(torch.utils.data.Sampler):
+    """Endless batches of (epoch, index) keys for one process, starting at micro-batch `start`.
+
+    Epoch e visits a permutation seeded by (seed, e), cut into global batches of
+    batch_size * world_size; process `rank` takes its slice of each. The last incomplete global
+    batch of an epoch is dropped. Starting at micro-batch m costs nothing: no item is loaded.
+    """
+
+    def __init__(self, num_items, batch_size, seed, rank=0, world_size=1, shuffle=True, start=0):
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.rank, self.world_size, self.shuffle, self.start = rank, world_size, shuffle, start
+        self.batches_per_epoch = num_items // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise InputError(
+                f"the dataset has {num_items} usable pairs, fewer than one global batch "
+                f"({batch_size} per process x {world_size} processes)"
+            )
+
+    def order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_items))
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.num_items, generator=generator).tolist()
+
+    def __iter__(self):
+        epoch, offset = divmod(self.start, self.batches_per_epoch)
+        for e in itertools.count(epoch):
+            order = self.order(e)
+            for b in range(offset if e == epoch else 0, self.batches_per_epoch):
+                first = (b * self.world_size + self.rank) * self.batch_size
+                yield [(e, i) for i in order[first : first + self.batch_size]]
+
+    def __len__(self):
+        return self.batches_per_epoch
+
+
+# ---- streaming -------------------------------------------------------------------------------
+
+
+class StreamingPairs(torch.utils.data.IterableDataset):
+    """Pairs streamed from a `datasets` IterableDataset, epoch after epoch (shuffle buffer
+    re-seeded each epoch). Ties and unreadable pairs are skipped as they go by. Resuming skips
+    the first `start_items` decided pairs without decoding their images; it is exact unless
+    pairs before the resume point were skipped as unreadable."""
+
+    def __init__(self, hf_iterable, transform: PairTransform, seed: int, start_items: int = 0, buffer_size=1000):
+        self.data = hf_iterable
+        self.transform = transform
+        self.seed = seed
+        self.start_items = start_items
+        self.buffer_size = buffer_size
+        self.unreadable = UnreadableCounter()
+        self.ties = 0
+
+    def __iter__(self):
+        seen = 0
+        for epoch in itertools.count():
+            stream = self.data.shuffle(seed=self.seed + epoch, buffer_size=self.buffer_size)
+            for row_number, row in enumerate(stream):
+                if row["label_0"] == 0.5:
+                    self.ties += 1
+                    continue
+                seen += 1
+                if seen <= self.start_items:
+                    continue
+                rng = random.Random(f"{self.seed}:{epoch}:{row_number}")
+                try:
+                    yield self.transform(row, rng)
+                except (OSError, ValueError, SyntaxError) as err:
+                    self.unreadable.warn(f"{row_number} of epoch {epoch}", err)
+
+
+def collate_pairs(items: list[dict]) -> dict:
+    """Stack items into pixels (B, 2 or 1, 3, H, W) and a list of captions."""
+    return {"pixels": torch.stack([it["pixels"] for it in items]), "captions": [it["caption"] for it in items]}
+
+
+def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int):
+    """The training dataloader for this process, positioned at micro-batch `start_micro_batch`.
+
+    Returns (dataloader, number of usable pairs or None when streaming).
+    """
+    transform = PairTransform(
+        args.resolution,
+        random_crop=args.random_crop,
+        hflip=not args.no_hflip,
+        proportion_empty_prompts=args.proportion_empty_prompts,
+        winners_only=args.train_method == "sft",
+    )
+    data = load_split(args.dataset_name, args.split, streaming=args.streaming, revision=args.dataset_revision)
+    column_names = data.column_names
+    if column_names is None:  # a stream whose features are unknown: look at its first row
+        column_names = list(next(iter(data)).keys())
+    check_columns(column_names, args.dataset_name)
+    # A generator of its own keeps the loader from drawing on the global RNG (exact resume).
+    common = dict(collate_fn=collate_pairs, num_workers=args.dataloader_num_workers,
+                  generator=torch.Generator().manual_seed(args.seed))
+
+    if args.streaming:
+        from datasets.distributed import split_dataset_by_node
+
+        data = split_dataset_by_node(data, rank=rank, world_size=world_size)
+        if args.max_train_samples is not None:
+            data = data.take(args.max_train_samples)
+        dataset = StreamingPairs(data, transform, args.seed, start_items=start_micro_batch * args.train_batch_size)
+        logger.info("streaming %s: ties are dropped as they go by", args.dataset_name)
+        return torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, **common), None
+
+    rows, ties = decided_rows(data["label_0"])
+    logger.info("%s[%s]: %d rows, dropped %d ties, %d pairs left", args.dataset_name, args.split,
+                len(data), ties, len(rows))
+    if args.max_train_samples is not None and args.max_train_samples < len(rows):
+        # As the reference: a seeded shuffle, then the first max_train_samples.
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        rows = [rows[i] for i in order[: args.max_train_samples]]
+    dataset = PairDataset(data, rows, transform, args.seed)
+    sampler = PairBatchSampler(
+        len(dataset), args.train_batch_size, args.seed, rank, world_size,
+        shuffle=args.split == "train", start=start_micro_batch,
+    )
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **common), len(dataset)

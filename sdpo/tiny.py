@@ -1,0 +1,256 @@
+"""Tiny random SD1.5-style and SDXL-style pipelines and a synthetic Pick-a-Pic dataset, built
+offline, for the demo and the tests.
+
+The pipelines are the real diffusers/transformers classes saved in the hub layout
+(unet/ vae/ text_encoder/ [text_encoder_2/] tokenizer/ [tokenizer_2/] scheduler/ model_index.json),
+so every loader the training code uses on a real model is exercised. Only the weights are tiny
+and random. The tokenizer is the real CLIP tokenizer, built from the BPE vocabulary open_clip ships.
+
+    python -m sdpo.tiny --out /tmp/tiny     # writes sd15/, sdxl/ and pickapic/ under /tmp/tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import os
+import random
+
+import numpy as np
+from PIL import Image
+
+CLIP_VOCAB_SIZE = 49408
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+# ---- the CLIP tokenizer ----------------------------------------------------------------------
+
+
+def byte_symbols() -> list[str]:
+    """The 256 printable symbols of byte-level BPE, in byte order: printable Latin-1 bytes stand
+    for themselves, the others map to code points from 256 upwards in byte order."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    symbols, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            symbols.append(chr(b))
+        else:
+            symbols.append(chr(256 + extra))
+            extra += 1
+    return symbols
+
+
+def ordered_byte_symbols() -> list[str]:
+    """Byte symbols in CLIP's vocabulary order: the printable bytes first, then the rest."""
+    symbols = byte_symbols()
+    printable = [s for b, s in enumerate(symbols) if ord(s) == b]
+    others = [s for b, s in enumerate(symbols) if ord(s) != b]
+    return printable + others
+
+
+def write_clip_tokenizer(folder: str, pad_token: str = EOS, model_max_length: int = 77) -> None:
+    """Write vocab.json, merges.txt and the configs of the CLIP BPE tokenizer into `folder`.
+
+    The vocabulary is the 256 byte symbols, the same with the end-of-word marker, one entry per
+    merge of the first 48894 merges, then the two special tokens: 49408 entries.
+    """
+    import open_clip
+
+    bpe_path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    base = ordered_byte_symbols()
+    vocab = base + [s + "</w>" for s in base] + ["".join(m.split()) for m in merges] + [BOS, EOS]
+    assert len(vocab) == CLIP_VOCAB_SIZE, len(vocab)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({token: i for i, token in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": model_max_length,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": EOS,
+        "pad_token": pad_token,
+        "do_lower_case": True,
+    }
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, f, indent=2)
+
+
+def load_clip_tokenizer(folder: str):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+# ---- the tiny pipelines ----------------------------------------------------------------------
+
+
+def _text_config(hidden: int, projection_dim: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=projection_dim,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act="quick_gelu",
+    )
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    # Two blocks: one 2x downsampling (the real VAE has three, 8x).
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=32,
+    )
+
+
+def _scheduler(prediction_type: str):
+    from diffusers import DDPMScheduler
+
+    # Stable Diffusion's training noise schedule.
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type=prediction_type, clip_sample=False, steps_offset=1,
+    )
+
+
+def _unet(cross_attention_dim: int, sdxl: bool, pooled_dim: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    kwargs = dict(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8,
+    )
+    if sdxl:
+        time_dim = 8
+        kwargs.update(
+            addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=time_dim * 6 + pooled_dim, use_linear_projection=True,
+        )
+    return UNet2DConditionModel(**kwargs)
+
+
+def build_tiny_pipeline(folder: str, sdxl: bool = False, seed: int = 0, prediction_type: str = "epsilon") -> str:
+    """Build a tiny random SD1.5-style (or SDXL-style) pipeline and save it in the hub layout."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tok_dir = os.path.join(folder, "_tokenizer_src")
+    write_clip_tokenizer(tok_dir)
+    tokenizer = load_clip_tokenizer(tok_dir)
+    if not sdxl:
+        from diffusers import StableDiffusionPipeline
+
+        text_encoder = CLIPTextModel(_text_config(32, 32))
+        pipe = StableDiffusionPipeline(
+            vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=_unet(32, sdxl=False),
+            scheduler=_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    else:
+        from diffusers import StableDiffusionXLPipeline
+
+        write_clip_tokenizer(tok_dir + "_2", pad_token="!")
+        text_encoder = CLIPTextModel(_text_config(32, 32))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(32, 32))
+        pipe = StableDiffusionXLPipeline(
+            vae=_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=load_clip_tokenizer(tok_dir + "_2"), unet=_unet(64, sdxl=True, pooled_dim=32),
+            scheduler=_scheduler(prediction_type),
+        )
+    pipe.save_pretrained(folder)
+    import shutil
+
+    shutil.rmtree(tok_dir)
+    shutil.rmtree(tok_dir + "_2", ignore_errors=True)
+    return folder
+
+
+# ---- the synthetic preference data -----------------------------------------------------------
+
+WORDS = ["a red", "a blue", "a green", "an old", "a shiny", "a tiny", "a giant", "a wooden"]
+THINGS = ["cat", "house", "car", "tree", "robot", "boat", "castle", "flower"]
+PLACES = ["at sunset", "in the snow", "on the moon", "under water", "in a forest", "in the city"]
+
+
+def _smooth_image(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+    """A smooth two-colour gradient: the kind of image the synthetic raters prefer."""
+    h, w = size
+    a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    ramp = np.linspace(0, 1, w)[None, :, None]
+    return np.broadcast_to(a + (b - a) * ramp, (h, w, 3))
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def build_tiny_pickapic(folder: str, num_rows: int = 64, seed: int = 0, tie_fraction: float = 0.1,
+                        split: str = "train", size: tuple[int, int] = (40, 48)) -> str:
+    """A synthetic Pick-a-Pic v2 split as data/<split>-00000-of-00001.parquet.
+
+    The preferred image of each pair is a smooth gradient; the other is the same gradient with
+    strong noise; label_0 says which column holds the preferred one; a fraction are ties.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    py_rng = random.Random(seed)
+    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}
+    for _ in range(num_rows):
+        smooth = _smooth_image(rng, size)
+        noisy = smooth + rng.normal(0, 60, smooth.shape)
+        good_first = py_rng.random() < 0.5
+        rows["caption"].append(f"{py_rng.choice(WORDS)} {py_rng.choice(THINGS)} {py_rng.choice(PLACES)}")
+        rows["jpg_0"].append(_jpeg(smooth if good_first else noisy))
+        rows["jpg_1"].append(_jpeg(noisy if good_first else smooth))
+        rows["label_0"].append(0.5 if py_rng.random() < tie_fraction else (1.0 if good_first else 0.0))
+    table = pa.table({
+        "caption": pa.array(rows["caption"], pa.string()),
+        "jpg_0": pa.array(rows["jpg_0"], pa.binary()),
+        "jpg_1": pa.array(rows["jpg_1"], pa.binary()),
+        "label_0": pa.array(rows["label_0"], pa.float64()),
+    })
+    os.makedirs(os.path.join(folder, "data"), exist_ok=True)
+    pq.write_table(table, os.path.join(folder, "data", f"{split}-00000-of-00001.parquet"))
+    return folder
+
+
+def build_all(out: str, num_rows: int = 64) -> dict[str, str]:
+    """Build (or reuse) the tiny SD1.5 and SDXL pipelines and the synthetic dataset under `out`."""
+    paths = {"sd15": os.path.join(out, "sd15"), "sdxl": os.path.join(out, "sdxl"), "data": os.path.join(out, "pickapic")}
+    if not os.path.exists(os.path.join(paths["sd15"], "model_index.json")):
+        build_tiny_pipeline(paths["sd15"], sdxl=False)
+    if not os.path.exists(os.path.join(paths["sdxl"], "model_index.json")):
+        build_tiny_pipeline(paths["sdxl"], sdxl=True)
+    if not os.path.exists(os.path.join(paths["data"], "data")):
+        build_tiny_pickapic(paths["data"], num_rows=num_rows)
+    return paths
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder to write sd15/, sdxl/ and pickapic/ into")
+    parser.add_argument("--num_rows", type=int, default=64, help="rows of the synthetic dataset")
+    args = parser.parse_args()
+    for name, path in build_all(args.out, args.num_rows).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
