@@ -338,6 +338,7 @@ def train(args):
     batches = iter(dataloader)
     progress = tqdm(range(start_step, args.max_train_steps), initial=start_step, total=args.max_train_steps,
                     disable=not accelerator.is_local_main_process, desc="steps")
+    logs = {}
     run_state = {"seed": args.seed, "train_method": args.train_method, "sdxl": args.sdxl}
     for step in range(start_step, args.max_train_steps):
         started = time.perf_counter()
@@ -385,12 +386,13 @@ def train(args):
         write_model_card(args, args.max_train_steps, num_pairs, os.path.join(args.output_dir, "README.md"))
         logger.info("saved the trained UNet to %s", final)
     accelerator.end_training()
+    return logs
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        train(args)
+        return train(args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

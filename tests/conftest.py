@@ -1,5 +1,34 @@
 import os
+import subprocess
+import sys
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Tiny random SD1.5 and SDXL pipelines and a synthetic Pick-a-Pic dataset, built once."""
+    from sdpo.tiny import build_all
+
+    return build_all(str(tmp_path_factory.mktemp("tiny")), num_rows=48)
+
+
+def tiny_train_args(model, data, out, *extra):
+    return ["--pretrained_model_name_or_path", model, "--dataset_name", data, "--output_dir", out,
+            "--resolution", "32", "--train_batch_size", "2", "--learning_rate", "1e-4", "--lr_warmup_steps", "0",
+            "--seed", "0", "--report_to", "none", "--mixed_precision", "no", *extra]
+
+
+def accelerate_launch(args, num_processes=1, timeout=600):
+    """Run train.py under the real `accelerate launch` on CPU; returns the completed process."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--num_cpu_threads_per_process", "1", os.path.join(ROOT, "train.py"), *args]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)

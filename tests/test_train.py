@@ -1,0 +1,151 @@
+"""train.py end to end on the tiny models: every objective, the safeguard, every timestep
+weighting, SD1.5 and SDXL; exact resume; bad input stops with a one-line error."""
+
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import accelerate_launch, tiny_train_args
+from sdpo import checkpoints
+
+import train
+
+
+def run_in_process(argv):
+    """train.main in this process (much faster than a launch; the launcher has its own tests)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return train.main(argv)
+
+
+def unet_weights(folder):
+    return load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+
+GRID = [(method, safeguard, weighting)
+        for method in ("diffusion-dpo", "dspo", "dmpo")
+        for safeguard in (False, True)
+        for weighting in ("none", "clip-mask", "importance")]
+GRID += [("sft", False, w) for w in ("none", "importance")]
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@pytest.mark.parametrize("method,safeguard,weighting", GRID)
+def test_every_objective_trains(tiny, tmp_path, arch, method, safeguard, weighting):
+    extra = ["--train_method", method, "--max_train_steps", "2", "--timestep_weighting", weighting,
+             "--checkpointing_steps", "0", "--beta_dpo", "50" if method != "dspo" else "0.5",
+             "--dmpo_alpha", "0.01"]
+    if arch == "sdxl":
+        extra += ["--sdxl", "--no-use_adafactor", "--no-gradient_checkpointing"]
+    if safeguard:
+        extra += ["--use_winner_preserving", "--winner_preserving_mu", "0.6"]
+    if weighting != "none":
+        extra += ["--is_mask_threshold", "0.0"]  # keep every pair so the step always moves the weights
+    logs = run_in_process(tiny_train_args(tiny[arch], tiny["data"], str(tmp_path), *extra))
+    assert math.isfinite(logs["loss"])
+    if method != "sft":
+        assert 0.0 <= logs["implicit_acc"] <= 1.0
+        assert 0.0 <= logs["loser_scale"] <= 1.0
+        if not safeguard:
+            assert logs["loser_scale"] == 1.0
+    if weighting != "none":
+        assert logs["kept_fraction"] == 1.0 and logs["importance_weight"] > 0
+    trained = unet_weights(tmp_path / "unet")
+    base = unet_weights(os.path.join(tiny[arch], "unet"))
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    assert "method" in (tmp_path / "README.md").read_text()
+
+
+def test_clip_mask_masks_everything_at_a_high_threshold(tiny, tmp_path):
+    logs = run_in_process(tiny_train_args(
+        tiny["sd15"], tiny["data"], str(tmp_path), "--max_train_steps", "1", "--checkpointing_steps", "0",
+        "--timestep_weighting", "clip-mask", "--is_mask_threshold", "10", "--use_adafactor"))
+    assert logs["kept_fraction"] == 0.0 and logs["loss"] == 0.0
+    trained, base = unet_weights(tmp_path / "unet"), unet_weights(os.path.join(tiny["sd15"], "unet"))
+    assert all(torch.equal(trained[k], base[k]) for k in base)  # zero gradients: Adafactor leaves weights alone
+
+
+def test_first_step_loss_is_log_2(tiny, tmp_path):
+    """Policy == reference at step 0, so u = 0 and the DPO loss is exactly log 2."""
+    logs = run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path), "--max_train_steps", "1",
+                                          "--checkpointing_steps", "0", "--gradient_accumulation_steps", "1"))
+    assert logs["loss"] == pytest.approx(math.log(2), abs=1e-6) and logs["implicit_acc"] == 0.0
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_accelerate_launch_end_to_end(tiny, tmp_path, arch):
+    from diffusers import UNet2DConditionModel
+
+    extra = ["--max_train_steps", "2", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "1",
+             "--checkpoints_total_limit", "1", "--use_winner_preserving", "--winner_preserving_mu", "0.9",
+             "--timestep_weighting", "importance"]
+    if arch == "sdxl":
+        extra.append("--sdxl")
+    result = accelerate_launch(tiny_train_args(tiny[arch], tiny["data"], str(tmp_path), *extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    unet = UNet2DConditionModel.from_pretrained(str(tmp_path), subfolder="unet")
+    assert unet.config.cross_attention_dim == (64 if arch == "sdxl" else 32)
+    assert [step for step, _ in checkpoints.list_checkpoints(str(tmp_path))] == [2]  # the limit pruned checkpoint-1
+
+
+def test_resume_is_bitwise_exact(tiny, tmp_path):
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
+              "--use_winner_preserving", "--winner_preserving_mu", "0.5", "--timestep_weighting", "importance",
+              "--proportion_empty_prompts", "0.3", "--random_crop"]
+    straight = tmp_path / "straight"
+    result = accelerate_launch(tiny_train_args(tiny["sd15"], tiny["data"], str(straight), *common))
+    assert result.returncode == 0, result.stderr[-3000:]
+    # A second run that has only the step-2 checkpoint, as if the first had been killed after it.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    (resumed / "checkpoint-4.tmp").mkdir()  # a half-written checkpoint that must be ignored
+    args = tiny_train_args(tiny["sd15"], tiny["data"], str(resumed), *common)
+    result = accelerate_launch(args[: args.index("--seed")] + args[args.index("--seed") + 2:])  # seed from checkpoint
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    a, b = unet_weights(straight / "unet"), unet_weights(resumed / "unet")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    mid = unet_weights(straight / "checkpoint-2" / "unet")
+    assert any(not torch.equal(a[k], mid[k]) for k in a)
+
+
+def test_latest_ignores_incomplete_checkpoints(tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / checkpoints.STATE_FILE).write_text("{}")
+    (tmp_path / "checkpoint-5.tmp").mkdir()
+    (tmp_path / "checkpoint-7").mkdir()  # no state file: a copy cut short
+    assert checkpoints.resolve_resume("latest", str(tmp_path)) == str(tmp_path / "checkpoint-3")
+    assert checkpoints.resolve_resume("latest", str(tmp_path / "nothing")) is None
+    with pytest.raises(Exception, match="no complete checkpoint"):
+        checkpoints.resolve_resume(str(tmp_path / "checkpoint-7"), str(tmp_path))
+
+
+def test_missing_column_stops_with_one_line(tiny, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data" / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"caption": ["x"], "jpg_0": [b""], "label_0": [1.0]}),
+                   tmp_path / "data" / "data" / "train-00000-of-00001.parquet")
+    with pytest.raises(SystemExit) as exit_info:
+        run_in_process(tiny_train_args(tiny["sd15"], str(tmp_path / "data"), str(tmp_path / "out")))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no column 'jpg_1'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--use_winner_preserving", "--winner_preserving_mu", "1.5"], "winner_preserving_mu must lie in [0, 1]"),
+    (["--train_method", "sft", "--use_winner_preserving"], "needs a loser branch"),
+    (["--sdxl"], "SD1.x pipeline: remove --sdxl"),
+])
+def test_bad_settings_stop_with_one_line(tiny, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path), *flags))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
