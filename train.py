@@ -339,6 +339,13 @@ def train(args):
     progress = tqdm(range(start_step, args.max_train_steps), initial=start_step, total=args.max_train_steps,
                     disable=not accelerator.is_local_main_process, desc="steps")
     logs = {}
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        metrics_file = os.path.join(args.output_dir, "metrics.jsonl")
+        if os.path.exists(metrics_file):  # keep the steps before the resume point, drop any after it
+            kept = [line for line in open(metrics_file) if json.loads(line)["step"] <= start_step]
+            with open(metrics_file, "w") as f:
+                f.writelines(kept)
     run_state = {"seed": args.seed, "train_method": args.train_method, "sdxl": args.sdxl}
     for step in range(start_step, args.max_train_steps):
         started = time.perf_counter()
@@ -364,6 +371,9 @@ def train(args):
         logs = dict(zip(keys, means), lr=lr_scheduler.get_last_lr()[0],
                     step_seconds=time.perf_counter() - started)
         accelerator.log(logs, step=step + 1)
+        if accelerator.is_main_process:  # the same numbers as JSON lines, for scripts and plots
+            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step + 1, **logs}) + "\n")
         progress.update(1)
         progress.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "implicit_acc", "lr") if k in logs})
 
