@@ -86,6 +86,8 @@ def parse_args(argv=None):
     a("--mixed_precision", default="fp16", choices=["no", "fp16", "bf16"], help="(falls back to 'no' on CPU)")
     a("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs")
     a("--seed", type=int, default=None, help="seed (default: random, recorded in checkpoints)")
+    a("--seed_per_process", action="store_true",
+      help="seed process i with seed + i, so processes draw different noise (the reference seeds all alike)")
     # output
     a("--output_dir", default="sd-model-finetuned")
     a("--logging_dir", default="logs", help="TensorBoard folder, under output_dir")
@@ -280,7 +282,8 @@ def train(args):
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
     for noisy_logger in ("diffusers", "transformers", "datasets", "httpx"):
         logging.getLogger(noisy_logger).setLevel(logging.WARNING)
     args.num_processes = accelerator.num_processes
@@ -296,7 +299,8 @@ def train(args):
         args.seed = resume_state["seed"] if args.seed is None else args.seed
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)  # the reference's default is unseeded
-    set_seed(args.seed)  # as the reference: the same seed (so the same noise draws) on every process
+    # The reference seeds every process alike, so all draw the same noise and timesteps.
+    set_seed(args.seed + (accelerator.process_index if args.seed_per_process else 0))
 
     # Models: the policy trains in fp32 under autocast; everything frozen runs in the weight dtype.
     tokenizers, text_encoders, vae, noise_scheduler, unet, ref_unet = load_models(args)

@@ -149,3 +149,56 @@ def test_bad_settings_stop_with_one_line(tiny, tmp_path, capsys, flags, message)
     with pytest.raises(SystemExit) as exit_info:
         run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path), *flags))
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("launcher,arch", [("sd15_dspo", "sd15"), ("sdxl_dmpo", "sdxl")])
+def test_shell_launchers(tiny, tmp_path, launcher, arch):
+    import subprocess
+
+    from conftest import ROOT
+
+    env = {**os.environ, "NUM_GPUS": "1", "MODEL_NAME": tiny[arch], "VAE_NAME": os.path.join(tiny[arch], "vae"),
+           "DATASET_NAME": tiny["data"], "OUTPUT_DIR": str(tmp_path)}
+    overrides = ["--max_train_steps=1", "--train_batch_size=1", "--gradient_accumulation_steps=1",
+                 "--resolution=32", "--dataloader_num_workers=0", "--report_to=none"]
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "train", f"{launcher}.sh"), *overrides],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "8 pairs per GPU x 32 accumulation steps x 1 GPUs = 256 pairs per step" in result.stdout
+    card = (tmp_path / "README.md").read_text()
+    expected = {"sd15_dspo": ["| method | dspo |", "| beta | 0.001 |", "mu = 0.2"],
+                "sdxl_dmpo": ["| method | dmpo |", "| beta | 6000.0 |", "mu = 0.6", "| DMPO alpha | 0.01 |", "Adafactor"]}
+    for line in expected[launcher]:
+        assert line in card
+
+
+def test_two_processes_on_cpu(tiny, tmp_path):
+    """Data parallel with two CPU processes (gloo). `accelerate launch` starts several CPU
+    processes only through mpirun, so this starts them with torch.distributed.run and lets
+    accelerate pick the distributed setup up from the environment, as it does under launch."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    args = tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path), "--max_train_steps", "2",
+                           "--gradient_accumulation_steps", "2", "--checkpointing_steps", "2",
+                           "--use_winner_preserving", "--winner_preserving_mu", "0.5")
+    env = {**os.environ, "PYTHONPATH": ROOT, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29533", os.path.join(ROOT, "train.py"), *args],
+                            capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "8 pairs per step (2 per process x 2 accumulation x 2 processes)" in result.stderr
+    assert sorted(os.listdir(tmp_path / "checkpoint-2")) == sorted(
+        ["lr_scheduler.pt", "optimizer.pt", "rng-0.safetensors", "rng-1.safetensors", "trainer_state.json", "unet"])
+    # As the reference, every process is seeded alike, so all draw the same noise and timesteps.
+    r0 = load_file(tmp_path / "checkpoint-2" / "rng-0.safetensors")["torch"]
+    r1 = load_file(tmp_path / "checkpoint-2" / "rng-1.safetensors")["torch"]
+    assert torch.equal(r0, r1)
+
+
+def test_streaming_trains(tiny, tmp_path):
+    logs = run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path), "--streaming",
+                                          "--max_train_steps", "2", "--checkpointing_steps", "0"))
+    assert math.isfinite(logs["loss"])

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Shared by the launchers (sourced): the reference's common settings, GPU detection, the effective
+# batch, and `accelerate launch train.py`. The caller sets SDXL (0/1), METHOD, BETA, MU, LR and
+# optionally ALPHA; the user's extra flags ("$@") come last and override anything here.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+bash "$root/scripts/setup.sh"
+python="$root/.venv/bin/python"
+BATCH=8 ACCUM=32
+if [ "$SDXL" = 1 ]; then
+  MODEL_NAME="${MODEL_NAME:-stabilityai/stable-diffusion-xl-base-1.0}"
+  VAE_NAME="${VAE_NAME:-madebyollin/sdxl-vae-fp16-fix}"
+  arch=(--sdxl --resolution=1024 --pretrained_vae_model_name_or_path="$VAE_NAME" --use_adafactor --gradient_checkpointing)
+else
+  MODEL_NAME="${MODEL_NAME:-stable-diffusion-v1-5/stable-diffusion-v1-5}"
+  arch=(--resolution=512 --no-use_adafactor --no-gradient_checkpointing)
+fi
+# yuvalkirstain/pickapic_v2 has answered 404 on the hub since 2025: point DATASET_NAME at a local copy.
+DATASET_NAME="${DATASET_NAME:-yuvalkirstain/pickapic_v2}"
+OUTPUT_DIR="${OUTPUT_DIR:-outputs/$(basename "$0" .sh)}"
+if [ -z "${NUM_GPUS:-}" ]; then
+  NUM_GPUS=$("$python" -c "import torch; print(torch.cuda.device_count())")
+fi
+if [ "$NUM_GPUS" -lt 1 ]; then
+  echo "no GPU found; set NUM_GPUS to launch anyway" >&2
+  exit 1
+fi
+echo "effective batch: $BATCH pairs per GPU x $ACCUM accumulation steps x $NUM_GPUS GPUs =" \
+     "$((BATCH * ACCUM * NUM_GPUS)) pairs per step (the papers used 2048; extra flags may change this," \
+     "train.py logs the batch it uses)"
+multi=()
+[ "$NUM_GPUS" -gt 1 ] && multi=(--multi_gpu)
+cd "$root"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+exec "$python" -m accelerate.commands.launch "${multi[@]}" --num_processes "$NUM_GPUS" --num_machines 1 \
+  --mixed_precision bf16 --dynamo_backend no train.py \
+  --pretrained_model_name_or_path="$MODEL_NAME" --dataset_name="$DATASET_NAME" --output_dir="$OUTPUT_DIR" \
+  "${arch[@]}" --train_batch_size=$BATCH --gradient_accumulation_steps=$ACCUM --dataloader_num_workers=16 \
+  --max_train_steps=2000 --checkpointing_steps=500 \
+  --lr_scheduler=constant_with_warmup --lr_warmup_steps=500 --learning_rate="$LR" --scale_lr \
+  --mixed_precision=bf16 --allow_tf32 --report_to=tensorboard \
+  --train_method="$METHOD" --beta_dpo="$BETA" --dmpo_alpha="${ALPHA:-0.0}" \
+  --use_winner_preserving --winner_preserving_mu="$MU" \
+  "$@"
