@@ -68,7 +68,7 @@ def parse_args(argv=None):
     # optimisation
     a("--train_batch_size", type=int, default=1, help="pairs per process per micro-batch")
     a("--gradient_accumulation_steps", type=int, default=1)
-    a("--max_train_steps", type=int, default=2000, help="optimizer steps; None: num_train_epochs of the data")
+    a("--max_train_steps", type=int, default=2000, help="optimizer steps; 0: --num_train_epochs passes over the data")
     a("--num_train_epochs", type=int, default=100, help="used only when --max_train_steps is 0")
     a("--learning_rate", type=float, default=1e-8)
     a("--scale_lr", action="store_true", help="lr x batch x accumulation x processes")
