@@ -159,6 +159,8 @@ def load_models(args):
     ref_unet = None
     if args.train_method != "sft":
         ref_unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=rev)
+        if args.unet_init:
+            checkpoints.check_same_shapes(unet, ref_unet, f"--unet_init {args.unet_init}", "the base UNet")
     return tokenizers, text_encoders, vae, noise_scheduler, unet, ref_unet
 
 
@@ -308,6 +310,10 @@ def train(args):
     for frozen in [*text_encoders, vae, ref_unet]:
         if frozen is not None:
             frozen.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
+    if args.sdxl and weight_dtype == torch.float16 and not args.pretrained_vae_model_name_or_path:
+        vae.to(dtype=torch.float32)  # SDXL's original VAE overflows in fp16 (NaN latents)
+        logger.warning("fp16 with SDXL's own VAE: encoding in fp32; the fp16-fix VAE "
+                       "(--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix) is faster")
     unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

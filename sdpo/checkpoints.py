@@ -105,6 +105,16 @@ def save_checkpoint(accelerator, output_dir, step, unet, optimizer, lr_scheduler
     return final
 
 
+def check_same_shapes(model, reference, name: str, reference_name: str) -> None:
+    """Stop with a clear error if two UNets' parameters differ in names or shapes."""
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    for key in sorted(set(ours) | set(theirs)):
+        if ours.get(key) != theirs.get(key):
+            raise InputError(f"{name} does not match {reference_name}: parameter {key} has shape "
+                             f"{ours.get(key, 'missing')} there and {theirs.get(key, 'missing')} here")
+
+
 def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler) -> dict:
     """Restore the policy weights, optimizer, lr schedule and this process's RNG; return the state."""
     from diffusers import UNet2DConditionModel
@@ -113,6 +123,7 @@ def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler) -> dict:
         state = json.load(f)
     saved = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
     model = accelerator.unwrap_model(unet)
+    check_same_shapes(saved, model, f"checkpoint {path}", "the model being trained")
     model.load_state_dict(saved.state_dict())
     del saved
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location="cpu"))

@@ -1,6 +1,7 @@
 """train.py end to end on the tiny models: every objective, the safeguard, every timestep
 weighting, SD1.5 and SDXL; exact resume; bad input stops with a one-line error."""
 
+import json
 import math
 import os
 import shutil
@@ -202,3 +203,30 @@ def test_streaming_trains(tiny, tmp_path):
     logs = run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path), "--streaming",
                                           "--max_train_steps", "2", "--checkpointing_steps", "0"))
     assert math.isfinite(logs["loss"])
+
+
+def test_checkpoint_of_the_wrong_model_is_refused(tiny, tmp_path, capsys):
+    """An SDXL UNet handed to an SD1.5 run, as --unet_init and as a checkpoint to resume."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "a"),
+                                       "--unet_init", tiny["sdxl"], "--max_train_steps", "1"))
+    assert exit_info.value.code == 2
+    assert "does not match the base UNet" in capsys.readouterr().err
+    ckpt = tmp_path / "b" / "checkpoint-1"
+    shutil.copytree(os.path.join(tiny["sdxl"], "unet"), ckpt / "unet")
+    for name in ("optimizer.pt", "lr_scheduler.pt"):
+        torch.save({}, ckpt / name)
+    (ckpt / checkpoints.STATE_FILE).write_text('{"global_step": 1, "seed": 0}')
+    with pytest.raises(SystemExit) as exit_info:
+        run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "b"), "--max_train_steps", "2"))
+    assert exit_info.value.code == 2
+    assert "does not match the model being trained" in capsys.readouterr().err
+
+
+def test_epochs_when_no_step_count(tiny, tmp_path):
+    """--max_train_steps 0: --num_train_epochs passes over the data (42 pairs / 2 = 21 batches, 7 per step)."""
+    logs = run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path), "--max_train_steps", "0",
+                                          "--num_train_epochs", "1", "--gradient_accumulation_steps", "7",
+                                          "--checkpointing_steps", "0"))
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert steps == [1, 2, 3] and math.isfinite(logs["loss"])
