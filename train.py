@@ -41,7 +41,7 @@ def parse_args(argv=None):
     a("--pretrained_vae_model_name_or_path", default=None, help="a separate VAE (SDXL: madebyollin/sdxl-vae-fp16-fix)")
     a("--revision", default=None, help="revision of the base pipeline on the hub")
     a("--sdxl", action="store_true", help="the base is an SDXL pipeline (two text encoders)")
-    a("--unet_init", default="", help="initialise the policy UNet from here instead of the base (reference stays the base)")
+    a("--unet_init", default="", help="initialise the policy from this UNet (folder, .safetensors or .pth; the reference stays the base)")
     # data
     a("--dataset_name", required=True, help="hub id, or a local folder with data/<split>-*.parquet, or one parquet file")
     a("--dataset_revision", default=None, help="revision of the dataset on the hub")
@@ -151,11 +151,7 @@ def load_models(args):
     else:
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae", revision=rev)
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=rev)
-    if args.unet_init:
-        sub = "unet" if os.path.isdir(os.path.join(args.unet_init, "unet")) else None
-        unet = UNet2DConditionModel.from_pretrained(args.unet_init, subfolder=sub)
-    else:
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=rev)
+    unet = checkpoints.load_unet(args.unet_init or "base", base, revision=rev)
     ref_unet = None
     if args.train_method != "sft":
         ref_unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=rev)

@@ -133,3 +133,52 @@ def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler) -> dict:
         raise InputError(f"{path} was written by fewer processes than this run has ({rng_file} is missing)")
     set_rng_state(load_file(rng_file))
     return state
+
+
+def load_unet(spec: str, base: str, revision: str | None = None, dtype=None):
+    """A UNet from any of the forms checkpoints come in:
+
+    - "base": the base pipeline's own UNet;
+    - a diffusers folder: a train.py output dir (holding unet/) or a unet/ folder itself;
+    - a .safetensors state dict, or a reference-style .pth/.pt/.bin state dict. Pickled files
+      are opened with weights_only=True, so one whose pickle would run code is refused.
+    State dicts load strictly into the base's UNet architecture.
+    """
+    from diffusers import UNet2DConditionModel
+
+    kwargs = {} if dtype is None else {"torch_dtype": dtype}
+    if spec == "base":
+        return UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=revision, **kwargs)
+    if os.path.isdir(spec):
+        if os.path.isfile(os.path.join(spec, "unet", "config.json")):
+            return UNet2DConditionModel.from_pretrained(spec, subfolder="unet", **kwargs)
+        if os.path.isfile(os.path.join(spec, "config.json")):
+            return UNet2DConditionModel.from_pretrained(spec, **kwargs)
+        raise InputError(f"{spec} is a folder but holds no diffusers UNet (no config.json, no unet/config.json)")
+    if not os.path.isfile(spec):
+        raise InputError(f"checkpoint {spec!r} not found (give 'base', a folder, a .safetensors or a .pth file)")
+    if spec.endswith(".safetensors"):
+        state = load_file(spec)
+    else:
+        import pickle
+
+        try:
+            state = torch.load(spec, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+            raise InputError(f"refusing to load {spec}: it is not a plain state dict of tensors "
+                             f"(weights_only=True rejected it: {str(err).splitlines()[0]})") from err
+        for key in ("state_dict", "module", "model"):  # common wrappers around the state dict
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{spec} does not hold a state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=revision)
+    expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    for key in sorted(set(expected) | set(state)):
+        got = tuple(state[key].shape) if key in state else "missing"
+        if expected.get(key, "missing") != got:
+            raise InputError(f"{spec} does not fit the UNet of {base}: parameter {key} is {got} there, "
+                             f"{expected.get(key, 'missing')} in the model")
+    unet.load_state_dict(state)
+    return unet if dtype is None else unet.to(dtype)

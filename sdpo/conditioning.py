@@ -50,7 +50,8 @@ class PromptEncoder:
         ).input_ids.to(device)
 
     @torch.no_grad()
-    def __call__(self, captions: list[str], device, dtype=None) -> Conditioning:
+    def __call__(self, captions: list[str], device, dtype=None, size: tuple[int, int] | None = None) -> Conditioning:
+        """Conditioning for the captions; `size` (h, w) sets SDXL's time ids (default: square)."""
         if not self.sdxl:
             (tokenizer,), (encoder,) = self.tokenizers, self.text_encoders
             hidden = encoder(self._ids(tokenizer, captions, device)).last_hidden_state
@@ -60,8 +61,8 @@ class PromptEncoder:
             out = encoder(self._ids(tokenizer, captions, device), output_hidden_states=True)
             hidden_states.append(out.hidden_states[-2])
             pooled = getattr(out, "text_embeds", None)
-        res = self.resolution
-        time_ids = torch.tensor([[res, res, 0, 0, res, res]], device=device).repeat(len(captions), 1)
+        h, w = size or (self.resolution, self.resolution)
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=device).repeat(len(captions), 1)
         hidden = torch.cat(hidden_states, dim=-1)
         dtype = dtype or hidden.dtype
         return Conditioning(hidden.to(dtype), pooled.to(dtype), time_ids.to(dtype))
