@@ -25,7 +25,7 @@ import torch
 
 from sdpo import checkpoints
 from sdpo.conditioning import PromptEncoder
-from sdpo.data import build_dataloader
+from sdpo.data import build_dataloader, order_by_scores
 from sdpo.errors import InputError
 from sdpo.losses import check_mu, preference_loss, sft_loss, winner_preserving_scale
 from sdpo.timesteps import MODES, log_importance_weights, pair_log_weights, pair_weights, timestep_range
@@ -65,6 +65,10 @@ def parse_args(argv=None):
       help="draw timesteps from [MIN, MAX) (default: all; 100 1000 for clip-mask and importance)")
     a("--is_mask_threshold", type=float, default=0.9, help="pairs whose importance weight is below this are masked")
     a("--is_clip_eps", type=float, default=0.2, help="importance weights are clamped to [1 - eps, 1 + eps]")
+    a("--choice_model", default=None, choices=["pickscore", "hpsv2", "aesthetics", "clip", "imagereward"],
+      help="AI feedback: a reward model picks each pair's winner instead of label_0 (as the reference)")
+    a("--choice_model_source", action="append", default=[], metavar="METRIC.FIELD=VALUE",
+      help="model source for the choice model (see eval.score --source); repeatable")
     # optimisation
     a("--train_batch_size", type=int, default=1, help="pairs per process per micro-batch")
     a("--gradient_accumulation_steps", type=int, default=1)
@@ -124,6 +128,7 @@ def validate(args):
     check(0.0 <= args.is_clip_eps < 1.0, f"--is_clip_eps must lie in [0, 1), got {args.is_clip_eps}")
     check(args.train_batch_size >= 1 and args.gradient_accumulation_steps >= 1, "batch sizes must be >= 1")
     check(not (args.streaming and args.max_train_steps is None), "--streaming needs --max_train_steps")
+    check(not (args.choice_model and args.train_method == "sft"), "--choice_model needs pairs; sft trains on winners")
     index = os.path.join(args.pretrained_model_name_or_path, "model_index.json")
     if os.path.isfile(index):
         has_second_encoder = "text_encoder_2" in json.load(open(index))
@@ -176,8 +181,9 @@ def build_optimizer(args, params, lr):
 class Step:
     """Computes the loss of one micro-batch; everything it needs is fixed for the run."""
 
-    def __init__(self, args, accelerator, unet, ref_unet, vae, prompt_encoder, noise_scheduler, weight_dtype):
-        self.args, self.accelerator = args, accelerator
+    def __init__(self, args, accelerator, unet, ref_unet, vae, prompt_encoder, noise_scheduler, weight_dtype,
+                 chooser=None):
+        self.args, self.accelerator, self.chooser = args, accelerator, chooser
         self.unet, self.ref_unet, self.vae = unet, ref_unet, vae
         self.prompt_encoder, self.noise_scheduler, self.weight_dtype = prompt_encoder, noise_scheduler, weight_dtype
         self.t_lo, self.t_hi = timestep_range(args.timestep_weighting, args.timestep_range,
@@ -190,6 +196,10 @@ class Step:
         args, device = self.args, self.accelerator.device
         pixels = batch["pixels"].to(device)  # (B, k, 3, H, W): k = 2 (winner, loser) or 1 (sft)
         B, k = pixels.shape[:2]
+        if self.chooser is not None:  # AI feedback: the scorer decides which image of each pair wins
+            images, captions = batch["raw_images"], batch["raw_captions"]
+            scores = self.chooser.score([im for pair in images for im in pair], [c for c in captions for _ in (0, 1)])
+            pixels = order_by_scores(pixels, scores[0::2], scores[1::2])
         pixels = pixels.transpose(0, 1).reshape(B * k, *pixels.shape[2:])  # winners first
         with torch.no_grad():
             latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample()
@@ -336,7 +346,14 @@ def train(args):
     if accelerator.is_main_process and report_to:
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("preference-training", config)
-    step_fn = Step(args, accelerator, unet, ref_unet, vae, prompt_encoder, noise_scheduler, weight_dtype)
+    chooser = None
+    if args.choice_model:
+        from eval.score import parse_sources
+        from eval.scorers import build_scorer
+
+        sources = parse_sources(args.choice_model_source).get(args.choice_model, {})
+        chooser = build_scorer(args.choice_model, device=str(accelerator.device), **sources)
+    step_fn = Step(args, accelerator, unet, ref_unet, vae, prompt_encoder, noise_scheduler, weight_dtype, chooser)
     logger.info("%s on %s: %d pairs per step (%d per process x %d accumulation x %d processes), %d steps, lr %g",
                 args.train_method, "SDXL" if args.sdxl else "SD1.x", args.train_batch_size * accum * world,
                 args.train_batch_size, accum, world, args.max_train_steps, args.effective_lr)

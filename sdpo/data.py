@@ -118,22 +118,26 @@ class PairTransform:
     """A Pick-a-Pic row to a training item: winner first, each image transformed on its own
     (the two images of a pair flip independently, as in the reference)."""
 
-    def __init__(self, resolution, random_crop=False, hflip=True, proportion_empty_prompts=0.0, winners_only=False):
+    def __init__(self, resolution, random_crop=False, hflip=True, proportion_empty_prompts=0.0, winners_only=False,
+                 keep_raw=False):
         self.resolution = resolution
         self.random_crop = random_crop
         self.hflip = hflip
         self.proportion_empty_prompts = proportion_empty_prompts
         self.winners_only = winners_only
+        self.keep_raw = keep_raw  # AI feedback: keep jpg_0, jpg_1 order and the decoded images for a scorer
 
     def __call__(self, row: dict, rng: random.Random) -> dict:
-        first, second = ("jpg_0", "jpg_1") if row["label_0"] == 1 else ("jpg_1", "jpg_0")
+        first, second = ("jpg_0", "jpg_1") if row["label_0"] == 1 or self.keep_raw else ("jpg_1", "jpg_0")
         columns = (first,) if self.winners_only else (first, second)
         images = [decode_image(row[c]) for c in columns]
         pixels = [transform_image(im, self.resolution, rng, self.random_crop, self.hflip)[0] for im in images]
         caption = row["caption"] if isinstance(row["caption"], str) else str(row["caption"])
-        if rng.random() < self.proportion_empty_prompts:
-            caption = ""
-        return {"pixels": torch.stack(pixels), "caption": caption}
+        item = {"pixels": torch.stack(pixels)}
+        if self.keep_raw:
+            item.update(raw_images=images, raw_caption=caption)
+        item["caption"] = "" if rng.random() < self.proportion_empty_prompts else caption
+        return item
 
 
 class UnreadableCounter:
@@ -252,8 +256,19 @@ class StreamingPairs(torch.utils.data.IterableDataset):
 
 
 def collate_pairs(items: list[dict]) -> dict:
-    """Stack items into pixels (B, 2 or 1, 3, H, W) and a list of captions."""
-    return {"pixels": torch.stack([it["pixels"] for it in items]), "captions": [it["caption"] for it in items]}
+    """Stack items into pixels (B, 2 or 1, 3, H, W) and a list of captions (and raw images, if kept)."""
+    batch = {"pixels": torch.stack([it["pixels"] for it in items]), "captions": [it["caption"] for it in items]}
+    if "raw_images" in items[0]:
+        batch["raw_images"] = [it["raw_images"] for it in items]
+        batch["raw_captions"] = [it["raw_caption"] for it in items]
+    return batch
+
+
+def order_by_scores(pixels: torch.Tensor, scores_0, scores_1) -> torch.Tensor:
+    """Put each pair winner-first by a scorer: swap the pair where jpg_1 scores higher than jpg_0
+    (pixels (B, 2, ...) in jpg_0, jpg_1 order). A tie keeps jpg_0 first, as the reference."""
+    swap = torch.tensor([s1 > s0 for s0, s1 in zip(scores_0, scores_1)], device=pixels.device)
+    return torch.where(swap.view(-1, *([1] * (pixels.ndim - 1))), pixels.flip(1), pixels)
 
 
 def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int):
@@ -267,6 +282,7 @@ def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int
         hflip=not args.no_hflip,
         proportion_empty_prompts=args.proportion_empty_prompts,
         winners_only=args.train_method == "sft",
+        keep_raw=bool(getattr(args, "choice_model", None)),
     )
     data = load_split(args.dataset_name, args.split, streaming=args.streaming, revision=args.dataset_revision)
     column_names = data.column_names

@@ -230,3 +230,26 @@ def test_epochs_when_no_step_count(tiny, tmp_path):
                                           "--checkpointing_steps", "0"))
     steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
     assert steps == [1, 2, 3] and math.isfinite(logs["loss"])
+
+
+def test_order_by_scores_swaps_where_jpg_1_wins():
+    from sdpo.data import order_by_scores
+
+    pixels = torch.arange(3 * 2 * 2, dtype=torch.float32).view(3, 2, 2)
+    out = order_by_scores(pixels, [0.5, 0.1, 0.3], [0.2, 0.9, 0.3])  # jpg_0 wins, jpg_1 wins, tie
+    assert torch.equal(out[0], pixels[0]) and torch.equal(out[1], pixels[1].flip(0)) and torch.equal(out[2], pixels[2])
+
+
+def test_choice_model_relabels_with_a_scorer(tiny, tmp_path):
+    from eval.tiny import build_tiny_scorers
+
+    sources = build_tiny_scorers(str(tmp_path / "scorers"))["clip"]
+    flags = [x for k, v in sources.items() for x in ("--choice_model_source", f"clip.{k}={v}")]
+    logs = run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "out"), "--max_train_steps", "2",
+                                          "--checkpointing_steps", "0", "--choice_model", "clip", *flags))
+    assert math.isfinite(logs["loss"])
+    run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "labels"), "--max_train_steps", "2",
+                                   "--checkpointing_steps", "0"))
+    # Same seed, same data and noise: only the scorer's choice of winners differs.
+    a, b = unet_weights(tmp_path / "out" / "unet"), unet_weights(tmp_path / "labels" / "unet")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
