@@ -145,7 +145,7 @@ def markdown_table(means: dict[str, dict[str, float]], metrics) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifests", nargs="+", help="generation manifests (X.json)")
-    p.add_argument("--metrics", nargs="+", default=["pickscore", "hpsv2", "aesthetics", "clip"], choices=METRICS)
+    p.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--source", action="append", default=[], metavar="METRIC.FIELD=VALUE",

@@ -11,7 +11,8 @@ Definitions (METHODS.md section 8):
 - clip:       open_clip ViT-H-14 laion2B-s32B-b79K, image-text cosine.
 - aesthetics: the LAION improved aesthetic predictor: an MLP 768-1024-128-64-16-1 (no activations)
               on the L2-normalised image embedding of openai/clip-vit-large-patch14.
-- imagereward: not yet implemented (see the README).
+- imagereward: ImageReward v1.0 (THUDM/ImageReward): BLIP ViT-L image tokens, a BERT that
+              cross-attends to them, an MLP on its [CLS] state, standardised (eval/imagereward.py).
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def load_state_dict(path: str) -> dict:
 
         return load_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        return state["state_dict"]
+    return state
 
 
 class Scorer:
@@ -136,11 +139,28 @@ class OpenClipCosine(Scorer):
 
 
 class HPSv2(OpenClipCosine):
+    """HPS v2.0. Preprocessing is open_clip's, as the reference's scorer (which calls open_clip
+    itself); preprocess="package" reproduces the hpsv2 package instead, which converts to a
+    tensor before the bicubic resize (scores differ in the third decimal)."""
+
     name = "hpsv2"
 
-    def __init__(self, arch="ViT-H-14", checkpoint="xswu/HPSv2", **kw):
+    def __init__(self, arch="ViT-H-14", checkpoint="xswu/HPSv2", preprocess="open_clip", **kw):
         kw.pop("pretrained", None)  # the HPS checkpoint replaces every weight
         super().__init__(arch=arch, checkpoint=fetch(checkpoint, "HPS_v2_compressed.pt"), **kw)
+        if preprocess == "package":
+            from torchvision import transforms as T
+
+            size = self.model.visual.image_size
+            size = size[0] if isinstance(size, (tuple, list)) else size
+            self.preprocess = T.Compose([
+                lambda im: im.convert("RGB"), T.ToTensor(),
+                T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(size),
+                T.Normalize(self.model.visual.image_mean or (0.48145466, 0.4578275, 0.40821073),
+                            self.model.visual.image_std or (0.26862954, 0.26130258, 0.27577711)),
+            ])
+        elif preprocess != "open_clip":
+            raise InputError(f"hpsv2.preprocess must be open_clip or package, not {preprocess!r}")
 
 
 class AestheticMLP(torch.nn.Module):
@@ -182,12 +202,33 @@ class Aesthetics(Scorer):
         return self.mlp(embedding).squeeze(-1).float().cpu()
 
 
-SCORERS = {"pickscore": PickScore, "hpsv2": HPSv2, "aesthetics": Aesthetics, "clip": OpenClipCosine}
+class ImageReward(Scorer):
+    """ImageReward v1.0 (THUDM/ImageReward): see eval/imagereward.py for the model."""
+
+    name = "imagereward"
+
+    def __init__(self, checkpoint="THUDM/ImageReward", med_config="THUDM/ImageReward", tokenizer="bert-base-uncased",
+                 vision_heads="16", **kw):
+        super().__init__(**kw)
+        from eval import imagereward as ir
+
+        state = load_state_dict(fetch(checkpoint, "ImageReward.pt"))
+        self.model = ir.ImageRewardModel(state, ir.load_med_config(fetch(med_config, "med_config.json")),
+                                         vision_heads=int(vision_heads)).to(self.device).eval()
+        self.preprocess = ir.preprocess(self.model.image_size)
+        self.tokenizer = ir.blip_tokenizer(tokenizer)
+
+    def score_batch(self, images, prompts):
+        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        return self.model(pixels, tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)).cpu()
+
+
+SCORERS = {"pickscore": PickScore, "hpsv2": HPSv2, "aesthetics": Aesthetics, "clip": OpenClipCosine,
+           "imagereward": ImageReward}
 
 
 def build_scorer(metric: str, device: str = "cpu", batch_size: int = 16, **sources) -> Scorer:
-    if metric == "imagereward":
-        raise InputError("the imagereward scorer is not implemented yet (see the README)")
     if metric not in SCORERS:
         raise InputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     return SCORERS[metric](device=device, batch_size=batch_size, **sources)

@@ -63,15 +63,60 @@ def _open_clip(folder: str, name: str, seed: int, wrap: bool) -> str:
     return path
 
 
+def write_bert_vocab(folder: str) -> int:
+    """A small WordPiece vocabulary (BERT's special tokens, some words, the letters); returns its size."""
+    words = ["a", "an", "the", "of", "on", "in", "at", "cat", "dog", "red", "blue", "green", "house", "hill",
+             "two", "boats", "photo", "tiny", "old", "robot", "boat", "car", "tree", "castle", "flower"]
+    vocab = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words,
+                                *(chr(c) for c in range(ord("a"), ord("z") + 1))]))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": True}, f)
+    return len(vocab)
+
+
+def _imagereward(folder: str, seed: int) -> dict[str, str]:
+    """A tiny ImageReward checkpoint in the released layout (blip.visual_encoder.*, blip.text_encoder.*, mlp.*)."""
+    from functools import partial
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    from eval.imagereward import CrossAttentionBert
+    from eval.scorers import AestheticMLP
+
+    tokenizer = os.path.join(folder, "imagereward-tokenizer")
+    vocab = write_bert_vocab(tokenizer)
+    med = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+           "vocab_size": vocab + 2, "max_position_embeddings": 40, "layer_norm_eps": 1e-12, "hidden_act": "gelu",
+           "add_cross_attention": True, "pad_token_id": 0}
+    med_path = os.path.join(folder, "imagereward-med_config.json")
+    with open(med_path, "w") as f:
+        json.dump(med, f)
+    torch.manual_seed(seed)
+    vit = VisionTransformer(img_size=IMAGE_SIZE, patch_size=8, embed_dim=48, depth=1, num_heads=2, qkv_bias=True,
+                            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_classes=0, global_pool="")
+    text = CrossAttentionBert(**{**med, "encoder_width": 48})
+    state = {**{f"blip.visual_encoder.{k}": v for k, v in vit.state_dict().items()},
+             **{f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()},
+             **{f"mlp.{k}": v for k, v in AestheticMLP(32).state_dict().items()}}
+    checkpoint = os.path.join(folder, "imagereward-tiny.pt")
+    torch.save(state, checkpoint)
+    return {"checkpoint": checkpoint, "med_config": med_path, "tokenizer": tokenizer, "vision_heads": "2"}
+
+
 def build_tiny_scorers(folder: str) -> dict[str, dict[str, str]]:
     """Build (or reuse) every tiny scorer under `folder`; return the per-metric sources."""
-    from eval.scorers import AestheticMLP
+    from eval.scorers import SCORERS, AestheticMLP
 
     os.makedirs(folder, exist_ok=True)
     done = os.path.join(folder, "sources.json")
     if os.path.isfile(done):
         with open(done) as f:
-            return json.load(f)
+            sources = json.load(f)
+        if set(sources) == set(SCORERS):  # built by this version: every metric there
+            return sources
     pick = _hf_clip(os.path.join(folder, "pickscore"), seed=1)
     aes_clip = _hf_clip(os.path.join(folder, "aesthetics-clip"), seed=2, projection_dim=48)
     torch.manual_seed(3)
@@ -85,6 +130,7 @@ def build_tiny_scorers(folder: str) -> dict[str, dict[str, str]]:
         "aesthetics": {"clip": aes_clip, "mlp": mlp},
         "hpsv2": {"arch": OPEN_CLIP_ARCH, "config": config, "checkpoint": hps},
         "clip": {"arch": OPEN_CLIP_ARCH, "config": config, "pretrained": clip},
+        "imagereward": _imagereward(folder, seed=6),
     }
     with open(done, "w") as f:
         json.dump(sources, f, indent=2)

@@ -131,7 +131,7 @@ def test_eval_launchers_end_to_end(tiny, suite, tmp_path):
     assert base.returncode == 0, base.stderr[-3000:]
     assert "| papv2_seed0_32x32_2s_7.5cfg |" in base.stdout
     manifest_b = str(tmp_path / "base" / "papv2_seed0_32x32_2s_7.5cfg.json")
-    for metric in ("pickscore", "hpsv2", "aesthetics", "clip"):
+    for metric in ("pickscore", "hpsv2", "aesthetics", "clip", "imagereward"):
         scored = json.load(open(manifest_b.replace(".json", f"_{metric}.json")))
         assert len(scored) == 4 and all(isinstance(r["score"], float) for r in scored)
     torch.manual_seed(0)
@@ -144,6 +144,6 @@ def test_eval_launchers_end_to_end(tiny, suite, tmp_path):
                 *sources)
     assert vs.returncode == 0, vs.stderr[-3000:]
     summary = json.load(open(tmp_path / "vs" / "summary.json"))
-    assert [m["metric"] for m in summary["metrics"]] == ["pickscore", "hpsv2", "aesthetics", "clip"]
+    assert [m["metric"] for m in summary["metrics"]] == ["pickscore", "hpsv2", "aesthetics", "clip", "imagereward"]
     assert all(m["total_pairs"] == 4 for m in summary["metrics"])
     assert "macro mean win rate" in vs.stdout and os.path.isfile(tmp_path / "vs" / "index.html")
