@@ -147,3 +147,16 @@ def test_eval_launchers_end_to_end(tiny, suite, tmp_path):
     assert [m["metric"] for m in summary["metrics"]] == ["pickscore", "hpsv2", "aesthetics", "clip", "imagereward"]
     assert all(m["total_pairs"] == 4 for m in summary["metrics"])
     assert "macro mean win rate" in vs.stdout and os.path.isfile(tmp_path / "vs" / "index.html")
+
+
+def test_sdxl_eval_launcher(tiny, suite, tmp_path):
+    from eval.tiny import as_flags, build_tiny_scorers
+
+    sources = as_flags(build_tiny_scorers(str(tmp_path / "scorers")))
+    result = launch("test_sdxl.sh", "base", "--pretrain_path", tiny["sdxl"], "--vae_path",
+                    os.path.join(tiny["sdxl"], "vae"), "--prompts_dir", os.path.dirname(suite), "--suites", "papv2",
+                    "--height", "32", "--width", "32", "--steps", "2", "--max_prompts", "2", "--metrics", "clip",
+                    "--output_path", str(tmp_path / "xl"), *sources)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| papv2_seed0_32x32_2s_7.5cfg |" in result.stdout
+    assert len(json.load(open(tmp_path / "xl" / "papv2_seed0_32x32_2s_7.5cfg_clip.json"))) == 2
