@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 
 import torch
@@ -26,7 +25,7 @@ import torch
 from sdpo import checkpoints
 from sdpo.conditioning import PromptEncoder
 from sdpo.data import build_dataloader, order_by_scores
-from sdpo.errors import InputError
+from sdpo.errors import InputError, reports_input_errors
 from sdpo.losses import check_mu, preference_loss, sft_loss, winner_preserving_scale
 from sdpo.timesteps import MODES, log_importance_weights, pair_log_weights, pair_weights, timestep_range
 
@@ -422,13 +421,9 @@ def train(args):
     return logs
 
 
+@reports_input_errors
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return train(args)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    return train(parse_args(argv))
 
 
 if __name__ == "__main__":

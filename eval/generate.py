@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 from PIL import ExifTags, Image
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 from eval.prompts import load_suite
 from sdpo.checkpoints import load_unet
 from sdpo.conditioning import PromptEncoder
-from sdpo.errors import InputError
+from sdpo.errors import reports_input_errors
 
 MANIFEST_KEYS = ("prompt", "gen_image_path", "raw_image_path", "metadata")
 
@@ -191,13 +190,9 @@ def parse_args(argv=None):
     return args
 
 
+@reports_input_errors
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return generate(args)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    return generate(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import io
 import json
 import os
 import urllib.request
 
-from sdpo.errors import InputError
+from sdpo.errors import InputError, reports_input_errors
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prompts")
 DEFAULT_SOURCES = {
@@ -151,16 +150,14 @@ def load_suite(path: str) -> list[dict]:
     return suite
 
 
+@reports_input_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", required=True, choices=sorted(BUILDERS))
     parser.add_argument("--source", default=None, help="local file/folder, hub id or URL (default: the upstream)")
     parser.add_argument("--output", default=None, help="where to write (default: prompts/<suite>.json)")
     args = parser.parse_args(argv)
-    try:
-        suite = BUILDERS[args.suite](args.source or DEFAULT_SOURCES[args.suite])
-    except InputError as err:
-        raise SystemExit(f"error: {err}")
+    suite = BUILDERS[args.suite](args.source or DEFAULT_SOURCES[args.suite])
     output = args.output or suite_path(args.suite)
     write_suite(suite, output)
     expected = EXPECTED_SIZES[args.suite]

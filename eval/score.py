@@ -16,12 +16,11 @@ import argparse
 import gc
 import json
 import os
-import sys
 
 from PIL import Image
 
 from eval.scorers import METRICS, build_scorer
-from sdpo.errors import InputError
+from sdpo.errors import InputError, reports_input_errors
 
 
 def score_path(manifest_path: str, metric: str) -> str:
@@ -142,6 +141,7 @@ def markdown_table(means: dict[str, dict[str, float]], metrics) -> str:
     return "\n".join(lines) + "\n"
 
 
+@reports_input_errors
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifests", nargs="+", help="generation manifests (X.json)")
@@ -155,11 +155,7 @@ def main(argv=None):
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        means = score_all(args.manifests, args.metrics, device, args.batch_size, parse_sources(args.source))
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    means = score_all(args.manifests, args.metrics, device, args.batch_size, parse_sources(args.source))
     table = markdown_table(means, args.metrics)
     print(table)
     path = args.table or os.path.join(os.path.dirname(os.path.abspath(args.manifests[0])), "summary.md")

@@ -24,7 +24,6 @@ import html
 import json
 import math
 import os
-import sys
 from collections import defaultdict
 from fractions import Fraction
 
@@ -32,7 +31,7 @@ import numpy as np
 
 from eval.score import cached_scores, load_manifest, parse_sources, resolve_image, score_manifest, scorer_factory
 from eval.scorers import METRICS, SCORERS
-from sdpo.errors import InputError
+from sdpo.errors import InputError, reports_input_errors
 
 BOOTSTRAP_SAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -224,6 +223,7 @@ def versus(json_a, json_b, label_a, label_b, outdir, metrics, device, batch_size
     return summary
 
 
+@reports_input_errors
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json_a", required=True)
@@ -243,12 +243,8 @@ def main(argv=None):
     label_b = args.label_b or os.path.splitext(os.path.basename(args.json_b))[0] + "_B"
     outdir = args.outdir or os.path.join("versus", f"{label_a}_vs_{label_b}".replace(os.sep, "_"))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return versus(args.json_a, args.json_b, label_a, label_b, outdir, args.metrics, device, args.batch_size,
-                      parse_sources(args.source))
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    return versus(args.json_a, args.json_b, label_a, label_b, outdir, args.metrics, device, args.batch_size,
+                  parse_sources(args.source))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from sdpo.data import PairBatchSampler, PairDataset, PairTransform, decided_rows, load_split, transform_image

@@ -1,6 +1,5 @@
 """Each score equals its definition computed by hand from the model's embeddings (tiny random models)."""
 
-import os
 
 import numpy as np
 import pytest
