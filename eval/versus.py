@@ -164,6 +164,22 @@ def chart(summary: dict, path: str) -> None:
     plt.close(fig)
 
 
+def summary_html(summary: dict) -> str:
+    """The summary table as HTML (the same numbers as `table`)."""
+    head = ["metric", "A mean", "B mean", "A win rate", "95% CI", "sign-test p", "A wins / ties / B wins", "pairs"]
+    rows = []
+    for r in summary["metrics"]:
+        low, high = r["win_rate_ci95"]
+        cells = [r["metric"], f"{r['mean_score_a']:.4f}", f"{r['mean_score_b']:.4f}",
+                 f"{100 * r['win_rate_a_over_b']:.1f}%", f"[{100 * low:.1f}, {100 * high:.1f}]",
+                 f"{r['sign_test_p']:.3g}", f"{r['wins_a']} / {r['ties']} / {r['wins_b']}", str(r["total_pairs"])]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    avg = summary["averages"]
+    return ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>"
+            f"<p>A tie counts 0.5. Mean win rate over metrics: {100 * avg['macro_win_rate_a_over_b']:.1f}% "
+            f"(macro), {100 * avg['micro_win_rate_a_over_b']:.1f}% (micro, weighted by pairs).</p>")
+
+
 def html_page(pair_results: dict[str, dict], summary: dict, outdir: str, manifests: tuple[str, str], top=8) -> str:
     label_a, label_b = summary["pair"]["model_a"], summary["pair"]["model_b"]
 
@@ -175,11 +191,12 @@ def html_page(pair_results: dict[str, dict], summary: dict, outdir: str, manifes
         return f'<img src="{html.escape(rel)}" loading="lazy">'
 
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(label_a)} vs {html.escape(label_b)}</title>",
-             "<style>body{font-family:sans-serif;margin:2em}img{width:256px;height:256px;object-fit:contain}"
+             "<style>body{font-family:sans-serif;margin:2em}"
+             "img{width:256px;height:256px;object-fit:contain;image-rendering:pixelated}"
              "td{vertical-align:top;padding:4px}table{border-collapse:collapse}th,td{border-bottom:1px solid #ddd}"
              ".win{color:#1a7f37;font-weight:bold}</style>",
              f"<h1>{html.escape(label_a)} (A) vs {html.escape(label_b)} (B)</h1>",
-             f"<pre>{html.escape(table(summary))}</pre><img src='winrates.png' style='width:auto;height:auto'>"]
+             summary_html(summary), "<img src='winrates.png' style='width:auto;height:auto'>"]
     for metric, d in pair_results.items():
         rows = sorted(d["results"], key=lambda r: -abs(r["score_a"] - r["score_b"]))[:top]
         parts.append(f"<h2>{html.escape(metric)}: the {len(rows)} largest gaps</h2><table>"
