@@ -43,11 +43,11 @@ def posterior_coefficients(alphas_cumprod: torch.Tensor, t: torch.Tensor):
         var_t = beta_t * (1 - abar_{t-1}) / (1 - abar_t), clamped below by var_1.
     Returns (c0, ct, var), each shaped like t.
     """
-    abar = alphas_cumprod.to(torch.float64)
+    abar = alphas_cumprod.to(t.device, torch.float64)  # indexed where t lives: no host sync
     abar_prev_all = torch.cat([abar.new_ones(1), abar[:-1]])
     beta_all = 1 - abar / abar_prev_all
     var_all = beta_all * (1 - abar_prev_all) / (1 - abar)
-    t = t.long().cpu()
+    t = t.long()
     abar_t, abar_prev, beta_t = abar[t], abar_prev_all[t], beta_all[t]
     c0 = beta_t * abar_prev.sqrt() / (1 - abar_t)
     ct = (1 - abar_prev) * (1 - beta_t).sqrt() / (1 - abar_t)
@@ -61,7 +61,7 @@ def x0_error_scale(alphas_cumprod: torch.Tensor, t: torch.Tensor, prediction_typ
     epsilon: x0_hat = (x_t - sqrt(1 - abar) * eps_hat) / sqrt(abar)  =>  k = sqrt((1 - abar) / abar)
     v:       x0_hat = sqrt(abar) * x_t - sqrt(1 - abar) * v_hat        =>  k = sqrt(1 - abar)
     """
-    abar = alphas_cumprod.to(torch.float64)[t.long().cpu()]
+    abar = alphas_cumprod.to(t.device, torch.float64)[t.long()]
     if prediction_type == "epsilon":
         return ((1 - abar) / abar).sqrt()
     if prediction_type == "v_prediction":
