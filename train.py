@@ -51,6 +51,8 @@ def parse_args(argv=None):
     a("--random_crop", action="store_true", help="random instead of center crop")
     a("--no_hflip", action="store_true", help="no random horizontal flips")
     a("--proportion_empty_prompts", type=float, default=0.2, help="probability that a caption is replaced by ''")
+    a("--sdxl_true_time_ids", action="store_true",
+      help="SDXL: each image's original size and crop as time ids (the reference fixes (res, res, 0, 0, res, res))")
     a("--dataloader_num_workers", type=int, default=0, help="dataloader worker processes")
     # objective
     a("--train_method", default="diffusion-dpo", choices=["diffusion-dpo", "dspo", "dmpo", "sft"])
@@ -128,6 +130,7 @@ def validate(args):
     check(args.train_batch_size >= 1 and args.gradient_accumulation_steps >= 1, "batch sizes must be >= 1")
     check(not (args.streaming and args.max_train_steps is None), "--streaming needs --max_train_steps")
     check(not (args.choice_model and args.train_method == "sft"), "--choice_model needs pairs; sft trains on winners")
+    check(not (args.sdxl_true_time_ids and not args.sdxl), "--sdxl_true_time_ids needs --sdxl")
     index = os.path.join(args.pretrained_model_name_or_path, "model_index.json")
     if os.path.isfile(index):
         has_second_encoder = "text_encoder_2" in json.load(open(index))
@@ -199,6 +202,7 @@ class Step:
             images, captions = batch["raw_images"], batch["raw_captions"]
             scores = self.chooser.score([im for pair in images for im in pair], [c for c in captions for _ in (0, 1)])
             pixels = order_by_scores(pixels, scores[0::2], scores[1::2])
+            batch["time_ids"] = order_by_scores(batch["time_ids"], scores[0::2], scores[1::2])
         pixels = pixels.transpose(0, 1).reshape(B * k, *pixels.shape[2:])  # winners first
         with torch.no_grad():
             latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample()
@@ -209,7 +213,10 @@ class Step:
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
         # The caption is encoded once and shared by both branches and both UNets.
-        cond = self.prompt_encoder(batch["captions"], device, self.weight_dtype).repeat(k).unet_kwargs()
+        cond = self.prompt_encoder(batch["captions"], device, self.weight_dtype).repeat(k)
+        if args.sdxl and args.sdxl_true_time_ids:  # (B, k, 6) -> winners' then losers' rows
+            cond.time_ids = batch["time_ids"].transpose(0, 1).reshape(B * k, 6).to(device, cond.time_ids.dtype)
+        cond = cond.unet_kwargs()
         with self.accelerator.autocast():
             model_pred = self.unet(noisy, t, **cond).sample
 

@@ -110,6 +110,7 @@ def transform_image(image: Image.Image, resolution: int, rng: random.Random, ran
     image = image.crop((left, top, left + resolution, top + resolution))
     if hflip and rng.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        left = new_w - left - resolution  # the crop's left edge, as seen in the flipped image
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (h, w), (top, left)
 
@@ -131,9 +132,12 @@ class PairTransform:
         first, second = ("jpg_0", "jpg_1") if row["label_0"] == 1 or self.keep_raw else ("jpg_1", "jpg_0")
         columns = (first,) if self.winners_only else (first, second)
         images = [decode_image(row[c]) for c in columns]
-        pixels = [transform_image(im, self.resolution, rng, self.random_crop, self.hflip)[0] for im in images]
+        done = [transform_image(im, self.resolution, rng, self.random_crop, self.hflip) for im in images]
         caption = row["caption"] if isinstance(row["caption"], str) else str(row["caption"])
-        item = {"pixels": torch.stack(pixels)}
+        # SDXL micro-conditioning of each image: (original_h, original_w, crop_top, crop_left, res, res).
+        time_ids = torch.tensor([[*original, *crop, self.resolution, self.resolution] for _, original, crop in done],
+                                dtype=torch.float32)
+        item = {"pixels": torch.stack([pixels for pixels, _, _ in done]), "time_ids": time_ids}
         if self.keep_raw:
             item.update(raw_images=images, raw_caption=caption)
         item["caption"] = "" if rng.random() < self.proportion_empty_prompts else caption
@@ -257,7 +261,8 @@ class StreamingPairs(torch.utils.data.IterableDataset):
 
 def collate_pairs(items: list[dict]) -> dict:
     """Stack items into pixels (B, 2 or 1, 3, H, W) and a list of captions (and raw images, if kept)."""
-    batch = {"pixels": torch.stack([it["pixels"] for it in items]), "captions": [it["caption"] for it in items]}
+    batch = {"pixels": torch.stack([it["pixels"] for it in items]), "captions": [it["caption"] for it in items],
+             "time_ids": torch.stack([it["time_ids"] for it in items])}
     if "raw_images" in items[0]:
         batch["raw_images"] = [it["raw_images"] for it in items]
         batch["raw_captions"] = [it["raw_caption"] for it in items]

@@ -92,3 +92,19 @@ def test_sampler_resumes_without_loading_and_shards_processes():
     assert sorted(i for _, i in keys) == sorted(PairBatchSampler(10, 4, 3).order(0)[:8])
     with pytest.raises(InputError, match="fewer than one global batch"):
         PairBatchSampler(3, 2, 0, world_size=2)
+
+
+def test_time_ids_record_original_size_and_crop():
+    import random
+
+    image = Image.fromarray(np.zeros((40, 48, 3), np.uint8))  # h 40, w 48 -> resized to 32 x 38
+    row = {"jpg_0": image, "jpg_1": image, "label_0": 1, "caption": "c"}
+    item = PairTransform(32, random_crop=False, hflip=False)(row, random.Random(0))
+    assert item["time_ids"].tolist() == [[40, 48, 0, 3, 32, 32]] * 2
+    # A random crop at left = 1, mirrored by a flip, is recorded where it lies in the flipped image.
+    rng = random.Random(0)
+    _, original, crop = transform_image(image, 32, rng, random_crop=True, hflip=True)
+    rng = random.Random(0)
+    top, left = rng.randint(0, 0), rng.randint(0, 6)
+    flipped = rng.random() < 0.5
+    assert original == (40, 48) and crop == (top, 38 - left - 32 if flipped else left)

@@ -253,3 +253,45 @@ def test_choice_model_relabels_with_a_scorer(tiny, tmp_path):
     # Same seed, same data and noise: only the scorer's choice of winners differs.
     a, b = unet_weights(tmp_path / "out" / "unet"), unet_weights(tmp_path / "labels" / "unet")
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tensorboard_scalars_and_metrics_file(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path), "--max_train_steps", "2",
+                                   "--checkpointing_steps", "0", "--report_to", "tensorboard",
+                                   "--use_winner_preserving", "--winner_preserving_mu", "0.5",
+                                   "--timestep_weighting", "importance", "--is_mask_threshold", "0"))
+    event_dirs = {os.path.dirname(os.path.join(root, f)) for root, _, files in os.walk(tmp_path / "logs")
+                  for f in files if f.startswith("events.")}
+    tags = set()
+    for folder in event_dirs:
+        acc = EventAccumulator(folder)
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    expected = {"loss", "implicit_acc", "model_mse", "ref_mse", "winner_minus_ref", "loser_minus_ref",
+                "loser_scale", "kept_fraction", "importance_weight", "lr"}
+    assert expected <= tags, expected - tags
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [m["step"] for m in lines] == [1, 2] and expected <= set(lines[0])
+
+
+def test_sdxl_true_time_ids_reach_the_unet(tiny, tmp_path, monkeypatch):
+    """With --sdxl_true_time_ids the UNet sees each image's (orig_h, orig_w, top, left, res, res)."""
+    from diffusers import UNet2DConditionModel
+
+    seen = []
+    forward = UNet2DConditionModel.forward
+
+    def spy(self, *args, added_cond_kwargs=None, **kwargs):
+        seen.append(added_cond_kwargs["time_ids"].detach().clone())
+        return forward(self, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    run_in_process(tiny_train_args(tiny["sdxl"], tiny["data"], str(tmp_path), "--sdxl", "--no-use_adafactor",
+                                   "--max_train_steps", "1", "--checkpointing_steps", "0", "--sdxl_true_time_ids"))
+    # The synthetic images are 48 x 40 (w x h): resized to 38 x 32 and cropped to 32.
+    ids = seen[0]
+    assert ids.shape == (4, 6) and ids[:, :2].tolist() == [[40, 48]] * 4 and ids[:, 4:].tolist() == [[32, 32]] * 4
+    assert set(ids[:, 3].tolist()) <= {3.0}  # centre crop: left 3 (or 38 - 3 - 32 = 3 when flipped)
+    assert torch.equal(seen[1], ids)  # the reference UNet sees the same conditioning
