@@ -295,3 +295,31 @@ def test_sdxl_true_time_ids_reach_the_unet(tiny, tmp_path, monkeypatch):
     assert ids.shape == (4, 6) and ids[:, :2].tolist() == [[40, 48]] * 4 and ids[:, 4:].tolist() == [[32, 32]] * 4
     assert set(ids[:, 3].tolist()) <= {3.0}  # centre crop: left 3 (or 38 - 3 - 32 = 3 when flipped)
     assert torch.equal(seen[1], ids)  # the reference UNet sees the same conditioning
+
+
+def test_v_prediction_scheduler_trains(tiny, tmp_path):
+    from sdpo.tiny import build_tiny_pipeline
+
+    model = build_tiny_pipeline(str(tmp_path / "vpred"), prediction_type="v_prediction")
+    logs = run_in_process(tiny_train_args(model, tiny["data"], str(tmp_path / "out"), "--max_train_steps", "1",
+                                          "--checkpointing_steps", "0", "--timestep_weighting", "clip-mask",
+                                          "--is_mask_threshold", "0"))
+    # Policy == reference: u = 0, every pair kept with weight 1, so the loss is exactly log 2.
+    assert logs["loss"] == pytest.approx(math.log(2), abs=1e-6) and logs["kept_fraction"] == 1.0
+
+
+@pytest.mark.parametrize("method,expected_loads", [("sft", 1), ("dmpo", 2)])
+def test_sft_loads_no_reference_unet(tiny, tmp_path, monkeypatch, method, expected_loads):
+    from diffusers import UNet2DConditionModel
+
+    loads = []
+    original = UNet2DConditionModel.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(args[0])
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", classmethod(counting))
+    run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path), "--train_method", method,
+                                   "--max_train_steps", "1", "--checkpointing_steps", "0"))
+    assert len(loads) == expected_loads
