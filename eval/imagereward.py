@@ -132,6 +132,16 @@ def blip_tokenizer(source: str):
     return tokenizer
 
 
+def load_part(module: nn.Module, state: dict, what: str) -> None:
+    """Load a part of the checkpoint: every parameter must be there; extras (buffers such as
+    position_ids, BLIP's unused projection heads) are ignored, as the package's own loader does."""
+    from sdpo.errors import InputError
+
+    missing, _ = module.load_state_dict(state, strict=False)
+    if missing:
+        raise InputError(f"the ImageReward checkpoint lacks {what} weights: {', '.join(missing[:5])}")
+
+
 class ImageRewardModel(nn.Module):
     def __init__(self, state: dict, med_config: dict, vision_heads: int = 16):
         super().__init__()
@@ -139,15 +149,15 @@ class ImageRewardModel(nn.Module):
 
         vit_state = {k[len("blip.visual_encoder."):]: v for k, v in state.items() if k.startswith("blip.visual_encoder.")}
         self.visual, self.image_size = vision_transformer(vit_state, vision_heads)
-        self.visual.load_state_dict(vit_state)
+        load_part(self.visual, vit_state, "image-encoder")
         config = {**med_config, "encoder_width": vit_state["pos_embed"].shape[-1]}
         text_state = {k[len("blip.text_encoder."):]: v for k, v in state.items()
                       if k.startswith("blip.text_encoder.") and not k.endswith("position_ids")}
         config["vocab_size"] = text_state["embeddings.word_embeddings.weight"].shape[0]
         self.text = CrossAttentionBert(**config)
-        self.text.load_state_dict(text_state)
+        load_part(self.text, text_state, "text-encoder")
         self.mlp = AestheticMLP(config["hidden_size"])
-        self.mlp.load_state_dict({k[len("mlp."):]: v for k, v in state.items() if k.startswith("mlp.")})
+        load_part(self.mlp, {k[len("mlp."):]: v for k, v in state.items() if k.startswith("mlp.")}, "MLP-head")
 
     def forward(self, pixels, input_ids, attention_mask):
         image_tokens = self.visual.forward_features(pixels)

@@ -152,3 +152,18 @@ def test_hpsv2_matches_the_package_model_code(sources):
         out = model(pixels, tokenizer(PROMPTS))
     assert ours.score(images(), PROMPTS) == pytest.approx(
         torch.diagonal(out["image_features"] @ out["text_features"].T).tolist(), abs=1e-5)
+
+
+def test_imagereward_checkpoint_missing_weights_is_refused(sources, tmp_path):
+    from sdpo.errors import InputError
+
+    src = dict(sources["imagereward"])
+    state = torch.load(src["checkpoint"], weights_only=True)
+    state["blip.text_encoder.extra.position_ids"] = torch.arange(3)  # an extra buffer is fine
+    ok = str(tmp_path / "ok.pt")
+    torch.save(state, ok)
+    assert len(build_scorer("imagereward", **{**src, "checkpoint": ok}).score(images(2), PROMPTS[:2])) == 2
+    broken = str(tmp_path / "broken.pt")
+    torch.save({k: v for k, v in state.items() if not k.startswith("mlp.")}, broken)
+    with pytest.raises(InputError, match="lacks MLP-head weights"):
+        build_scorer("imagereward", **{**src, "checkpoint": broken})
