@@ -117,20 +117,23 @@ def scorer_factory(metrics, device, batch_size, sources):
         gc.collect()
 
 
-def score_all(manifests, metrics, device, batch_size, sources) -> dict[str, dict[str, float]]:
-    """Mean score per manifest and metric; each model is loaded once for all manifests."""
-    means: dict[str, dict[str, float]] = {m: {} for m in manifests}
-    todo = {metric: [m for m in manifests if cached_scores(m, metric, load_manifest(m)) is None] for metric in metrics}
-    for metric in metrics:
+def collect_scores(manifests, metrics, device, batch_size, sources) -> dict[tuple[str, str], list[dict]]:
+    """{(manifest, metric): scored records}: score files already there are reused; for what is
+    missing, each model is loaded once and scores every manifest that needs it."""
+    scored = {(m, metric): cached_scores(m, metric, load_manifest(m)) for m in manifests for metric in metrics}
+    missing = [metric for metric in metrics if any(scored[(m, metric)] is None for m in manifests)]
+    for metric, scorer in scorer_factory(missing, device, batch_size, sources):
         for m in manifests:
-            if m not in todo[metric]:
-                scored = cached_scores(m, metric, load_manifest(m))
-                means[m][metric] = sum(r["score"] for r in scored) / max(len(scored), 1)
-    for metric, scorer in scorer_factory([k for k, v in todo.items() if v], device, batch_size, sources):
-        for m in todo[metric]:
-            scored = score_manifest(m, metric, scorer)
-            means[m][metric] = sum(r["score"] for r in scored) / max(len(scored), 1)
-    return means
+            if scored[(m, metric)] is None:
+                scored[(m, metric)] = score_manifest(m, metric, scorer)
+    return scored
+
+
+def score_all(manifests, metrics, device, batch_size, sources) -> dict[str, dict[str, float]]:
+    """Mean score per manifest and metric."""
+    scored = collect_scores(manifests, metrics, device, batch_size, sources)
+    return {m: {metric: sum(r["score"] for r in scored[(m, metric)]) / max(len(scored[(m, metric)]), 1)
+                for metric in metrics} for m in manifests}
 
 
 def markdown_table(means: dict[str, dict[str, float]], metrics) -> str:

@@ -29,7 +29,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from eval.score import cached_scores, load_manifest, parse_sources, resolve_image, score_manifest, scorer_factory
+from eval.score import collect_scores, load_manifest, parse_sources, resolve_image
 from eval.scorers import METRICS, SCORERS
 from sdpo.errors import InputError, reports_input_errors
 
@@ -221,13 +221,10 @@ def versus(json_a, json_b, label_a, label_b, outdir, metrics, device, batch_size
     for path in (json_a, json_b):
         load_manifest(path)  # fail early, naming the file
     os.makedirs(outdir, exist_ok=True)
-    missing = [m for m in metrics if any(cached_scores(j, m, load_manifest(j)) is None for j in (json_a, json_b))]
-    scored = {m: [cached_scores(j, m, load_manifest(j)) for j in (json_a, json_b)] for m in metrics if m not in missing}
-    for metric, scorer in scorer_factory(missing, device, batch_size, sources):
-        scored[metric] = [score_manifest(j, metric, scorer) for j in (json_a, json_b)]
+    scored = collect_scores([json_a, json_b], metrics, device, batch_size, sources)
     pair_results = {}
     for metric in metrics:
-        pair_results[metric] = compare(*scored[metric], label_a, label_b)
+        pair_results[metric] = compare(scored[(json_a, metric)], scored[(json_b, metric)], label_a, label_b)
         with open(os.path.join(outdir, f"pair_{metric}.json"), "w", encoding="utf-8") as f:
             json.dump(pair_results[metric], f, indent=2, ensure_ascii=False)
     summary = summarize(pair_results)
