@@ -196,7 +196,7 @@ class Step:
 
     def __call__(self, batch):
         args, device = self.args, self.accelerator.device
-        pixels = batch["pixels"].to(device)  # (B, k, 3, H, W): k = 2 (winner, loser) or 1 (sft)
+        pixels = batch["pixels"].to(device, non_blocking=True)  # (B, k, 3, H, W): k = 2 (winner, loser) or 1 (sft)
         B, k = pixels.shape[:2]
         if self.chooser is not None:  # AI feedback: the scorer decides which image of each pair wins
             images, captions = batch["raw_images"], batch["raw_captions"]

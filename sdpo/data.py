@@ -296,7 +296,7 @@ def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int
     check_columns(column_names, args.dataset_name)
     # A generator of its own keeps the loader from drawing on the global RNG (exact resume).
     common = dict(collate_fn=collate_pairs, num_workers=args.dataloader_num_workers,
-                  generator=torch.Generator().manual_seed(args.seed))
+                  generator=torch.Generator().manual_seed(args.seed), pin_memory=torch.cuda.is_available())
 
     if args.streaming:
         from datasets.distributed import split_dataset_by_node
