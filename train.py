@@ -201,8 +201,9 @@ class Step:
         if self.chooser is not None:  # AI feedback: the scorer decides which image of each pair wins
             images, captions = batch["raw_images"], batch["raw_captions"]
             scores = self.chooser.score([im for pair in images for im in pair], [c for c in captions for _ in (0, 1)])
-            pixels = order_by_scores(pixels, scores[0::2], scores[1::2])
-            batch["time_ids"] = order_by_scores(batch["time_ids"], scores[0::2], scores[1::2])
+            scores_0, scores_1 = scores[0::2], scores[1::2]
+            pixels = order_by_scores(pixels, scores_0, scores_1)
+            batch["time_ids"] = order_by_scores(batch["time_ids"], scores_0, scores_1)
         pixels = pixels.transpose(0, 1).reshape(B * k, *pixels.shape[2:])  # winners first
         with torch.no_grad():
             latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample()
@@ -368,9 +369,9 @@ def train(args):
     progress = tqdm(range(start_step, args.max_train_steps), initial=start_step, total=args.max_train_steps,
                     disable=not accelerator.is_local_main_process, desc="steps")
     logs = {}
+    metrics_file = os.path.join(args.output_dir, "metrics.jsonl")
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        metrics_file = os.path.join(args.output_dir, "metrics.jsonl")
         if os.path.exists(metrics_file):  # keep the steps before the resume point, drop any after it
             kept = [line for line in open(metrics_file) if json.loads(line)["step"] <= start_step]
             with open(metrics_file, "w") as f:
@@ -401,7 +402,7 @@ def train(args):
                     step_seconds=time.perf_counter() - started)
         accelerator.log(logs, step=step + 1)
         if accelerator.is_main_process:  # the same numbers as JSON lines, for scripts and plots
-            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+            with open(metrics_file, "a") as f:
                 f.write(json.dumps({"step": step + 1, **logs}) + "\n")
         progress.update(1)
         progress.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "implicit_acc", "lr") if k in logs})

@@ -105,14 +105,23 @@ def save_checkpoint(accelerator, output_dir, step, unet, optimizer, lr_scheduler
     return final
 
 
+def first_shape_mismatch(ours: dict, theirs: dict):
+    """(name, our shape, their shape) of the first parameter that differs between two state
+    dicts in presence or shape ('missing' where absent), or None if they fit each other."""
+    for key in sorted(set(ours) | set(theirs)):
+        a = tuple(ours[key].shape) if key in ours else "missing"
+        b = tuple(theirs[key].shape) if key in theirs else "missing"
+        if a != b:
+            return key, a, b
+    return None
+
+
 def check_same_shapes(model, reference, name: str, reference_name: str) -> None:
     """Stop with a clear error if two UNets' parameters differ in names or shapes."""
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    for key in sorted(set(ours) | set(theirs)):
-        if ours.get(key) != theirs.get(key):
-            raise InputError(f"{name} does not match {reference_name}: parameter {key} has shape "
-                             f"{ours.get(key, 'missing')} there and {theirs.get(key, 'missing')} here")
+    mismatch = first_shape_mismatch(model.state_dict(), reference.state_dict())
+    if mismatch:
+        key, a, b = mismatch
+        raise InputError(f"{name} does not match {reference_name}: parameter {key} has shape {a} there and {b} here")
 
 
 def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler) -> dict:
@@ -135,7 +144,7 @@ def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler) -> dict:
     return state
 
 
-def load_unet(spec: str, base: str, revision: str | None = None, dtype=None):
+def load_unet(spec: str, base: str, revision: str | None = None):
     """A UNet from any of the forms checkpoints come in:
 
     - "base": the base pipeline's own UNet;
@@ -146,14 +155,13 @@ def load_unet(spec: str, base: str, revision: str | None = None, dtype=None):
     """
     from diffusers import UNet2DConditionModel
 
-    kwargs = {} if dtype is None else {"torch_dtype": dtype}
     if spec == "base":
-        return UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=revision, **kwargs)
+        return UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=revision)
     if os.path.isdir(spec):
         if os.path.isfile(os.path.join(spec, "unet", "config.json")):
-            return UNet2DConditionModel.from_pretrained(spec, subfolder="unet", **kwargs)
+            return UNet2DConditionModel.from_pretrained(spec, subfolder="unet")
         if os.path.isfile(os.path.join(spec, "config.json")):
-            return UNet2DConditionModel.from_pretrained(spec, **kwargs)
+            return UNet2DConditionModel.from_pretrained(spec)
         raise InputError(f"{spec} is a folder but holds no diffusers UNet (no config.json, no unet/config.json)")
     if not os.path.isfile(spec):
         raise InputError(f"checkpoint {spec!r} not found (give 'base', a folder, a .safetensors or a .pth file)")
@@ -174,11 +182,10 @@ def load_unet(spec: str, base: str, revision: str | None = None, dtype=None):
         raise InputError(f"{spec} does not hold a state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=revision)
-    expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
-    for key in sorted(set(expected) | set(state)):
-        got = tuple(state[key].shape) if key in state else "missing"
-        if expected.get(key, "missing") != got:
-            raise InputError(f"{spec} does not fit the UNet of {base}: parameter {key} is {got} there, "
-                             f"{expected.get(key, 'missing')} in the model")
+    mismatch = first_shape_mismatch(state, unet.state_dict())
+    if mismatch:
+        key, got, expected = mismatch
+        raise InputError(f"{spec} does not fit the UNet of {base}: parameter {key} is {got} there, "
+                         f"{expected} in the model")
     unet.load_state_dict(state)
-    return unet if dtype is None else unet.to(dtype)
+    return unet
