@@ -25,13 +25,13 @@ interrupted run continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
 from PIL import ExifTags, Image
 from tqdm.auto import tqdm
 
+from eval.files import write_json_atomic
 from eval.prompts import load_suite
 from sdpo.checkpoints import load_unet
 from sdpo.conditioning import PromptEncoder
@@ -43,13 +43,6 @@ MANIFEST_KEYS = ("prompt", "gen_image_path", "raw_image_path", "metadata")
 def run_name(test_json: str, seed: int, height: int, width: int, steps: int, cfg: float) -> str:
     suite = os.path.basename(test_json).split(".")[0]
     return f"{suite}_seed{seed}_{height}x{width}_{steps}s_{cfg}cfg"
-
-
-def write_json_atomic(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
 
 
 def save_png_atomic(image: Image.Image, prompt: str, path: str) -> None:

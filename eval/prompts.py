@@ -23,6 +23,7 @@ import json
 import os
 import urllib.request
 
+from eval.files import write_json_atomic
 from sdpo.errors import InputError, reports_input_errors
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prompts")
@@ -122,12 +123,7 @@ BUILDERS = {"papv2": build_papv2, "hpsv2": build_hpsv2, "partiprompts": build_pa
 
 
 def write_suite(suite: list[dict], path: str) -> None:
-    """Write atomically: a reader never sees a half-written suite."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(suite, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
+    write_json_atomic(suite, path)
 
 
 def suite_path(name: str) -> str:

@@ -19,6 +19,7 @@ import os
 
 from PIL import Image
 
+from eval.files import write_json_atomic
 from eval.scorers import METRICS, build_scorer
 from sdpo.errors import InputError, reports_input_errors
 
@@ -88,11 +89,7 @@ def score_manifest(manifest_path: str, metric: str, scorer) -> list[dict]:
         images = [open_image(resolve_image(r["gen_image_path"], manifest_path)) for r in chunk]
         scores = scorer.score(images, [r["prompt"] for r in chunk])
         scored += [{**r, "score": float(s)} for r, s in zip(chunk, scores)]
-    out = score_path(manifest_path, metric)
-    tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(scored, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, out)
+    write_json_atomic(scored, score_path(manifest_path, metric))
     return scored
 
 
@@ -164,8 +161,7 @@ def main(argv=None):
     path = args.table or os.path.join(os.path.dirname(os.path.abspath(args.manifests[0])), "summary.md")
     with open(path, "w") as f:
         f.write(table)
-    with open(os.path.splitext(path)[0] + ".json", "w") as f:
-        json.dump(means, f, indent=2)
+    write_json_atomic(means, os.path.splitext(path)[0] + ".json")
     print(f"table: {path}")
     return means
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import math
 import os
 from collections import defaultdict
@@ -29,6 +28,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from eval.files import write_json_atomic
 from eval.score import collect_scores, load_manifest, parse_sources, resolve_image
 from eval.scorers import METRICS, SCORERS
 from sdpo.errors import InputError, reports_input_errors
@@ -225,11 +225,9 @@ def versus(json_a, json_b, label_a, label_b, outdir, metrics, device, batch_size
     pair_results = {}
     for metric in metrics:
         pair_results[metric] = compare(scored[(json_a, metric)], scored[(json_b, metric)], label_a, label_b)
-        with open(os.path.join(outdir, f"pair_{metric}.json"), "w", encoding="utf-8") as f:
-            json.dump(pair_results[metric], f, indent=2, ensure_ascii=False)
+        write_json_atomic(pair_results[metric], os.path.join(outdir, f"pair_{metric}.json"))
     summary = summarize(pair_results)
-    with open(os.path.join(outdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json_atomic(summary, os.path.join(outdir, "summary.json"))
     print(table(summary))
     chart(summary, os.path.join(outdir, "winrates.png"))
     page = html_page(pair_results, summary, outdir, (json_a, json_b))
