@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 
 import torch
@@ -31,6 +32,21 @@ from sdpo.timesteps import MODES, log_importance_weights, pair_log_weights, pair
 
 logger = logging.getLogger("train")
 
+CONFIG_FILE = "train_config.json"
+LOSS_PRECISIONS = ("reference", "fp32")
+# The reference's names for its choice models, and ours.
+CHOICE_MODELS = {"pickscore": "pickscore", "hps": "hpsv2", "hpsv2": "hpsv2", "aes": "aesthetics",
+                 "aesthetics": "aesthetics", "clip": "clip", "imagereward": "imagereward"}
+
+
+def choice_model(name: str) -> str | None:
+    """--choice_model: our metric names or the reference's (aes, hps, clip, pickscore); '' is none."""
+    if not name:
+        return None
+    if name not in CHOICE_MODELS:
+        raise argparse.ArgumentTypeError(f"unknown choice model {name!r}; choose one of {', '.join(CHOICE_MODELS)}")
+    return CHOICE_MODELS[name]
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,10 +56,19 @@ def parse_args(argv=None):
     a("--pretrained_vae_model_name_or_path", default=None, help="a separate VAE (SDXL: madebyollin/sdxl-vae-fp16-fix)")
     a("--revision", default=None, help="revision of the base pipeline on the hub")
     a("--sdxl", action="store_true", help="the base is an SDXL pipeline (two text encoders)")
-    a("--unet_init", default="", help="initialise the policy from this UNet (folder, .safetensors or .pth; the reference stays the base)")
+    a("--unet_init", default="",
+      help="initialise the policy and the reference UNet from this UNet (folder, .safetensors or .pth), as the reference")
+    a("--ref_unet", default="", metavar="PATH|base",
+      help="a different reference UNet: 'base' (the base pipeline's) or a UNet path (default: --unet_init, else base)")
+    a("--cache_dir", default=None, help="where downloaded models and datasets are stored (as datasets/diffusers' cache_dir)")
     # data
     a("--dataset_name", required=True, help="hub id, or a local folder with data/<split>-*.parquet, or one parquet file")
     a("--dataset_revision", default=None, help="revision of the dataset on the hub")
+    a("--dataset_config_name", default=None, help="configuration of a hub dataset (load_dataset's second argument)")
+    a("--train_data_dir", default=None,
+      help="a subfolder of the dataset to read (load_dataset's data_dir; for a local folder, a subfolder of it)")
+    a("--caption_column", default="caption", help="the dataset's caption column")
+    a("--image_column", default=None, help=argparse.SUPPRESS)  # refused in validate(): pairs are jpg_0 and jpg_1
     a("--split", default="train", help="dataset split (only 'train' is shuffled, as in the reference)")
     a("--streaming", action="store_true", help="stream the dataset instead of downloading it first")
     a("--max_train_samples", type=int, default=None, help="keep this many pairs (seeded shuffle, then the first N)")
@@ -66,8 +91,9 @@ def parse_args(argv=None):
       help="draw timesteps from [MIN, MAX) (default: all; 100 1000 for clip-mask and importance)")
     a("--is_mask_threshold", type=float, default=0.9, help="pairs whose importance weight is below this are masked")
     a("--is_clip_eps", type=float, default=0.2, help="importance weights are clamped to [1 - eps, 1 + eps]")
-    a("--choice_model", default=None, choices=["pickscore", "hpsv2", "aesthetics", "clip", "imagereward"],
-      help="AI feedback: a reward model picks each pair's winner instead of label_0 (as the reference)")
+    a("--choice_model", default=None, type=choice_model, metavar="{" + ",".join(CHOICE_MODELS) + "}",
+      help="AI feedback: a reward model picks each pair's winner instead of label_0 (as the reference; "
+           "its names aes, hps, clip and pickscore work too)")
     a("--choice_model_source", action="append", default=[], metavar="METRIC.FIELD=VALUE",
       help="model source for the choice model (see eval.score --source); repeatable")
     # optimisation
@@ -85,28 +111,37 @@ def parse_args(argv=None):
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-2)
     a("--adam_epsilon", type=float, default=1e-8)
-    a("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip (AdamW only, as the reference)")
+    a("--max_grad_norm", type=float, default=1.0,
+      help="gradient-norm clip, with AdamW and Adafactor alike (as the reference's launchers run); 0 turns it off")
+    a("--loss_precision", default="reference", choices=LOSS_PRECISIONS,
+      help="reference: the reference's bf16/fp16 casts (latents, noise, target and the reference UNet's losses in "
+           "the weight dtype); fp32: latents, noise and every loss in fp32")
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
       help="gradient checkpointing in the policy UNet (default: on for SDXL)")
-    a("--mixed_precision", default="fp16", choices=["no", "fp16", "bf16"], help="(falls back to 'no' on CPU)")
+    a("--mixed_precision", default="fp16", choices=["no", "fp16", "bf16"],
+      help="fp16 falls back to 'no' on CPU; bf16 runs on CPU under CPU autocast")
     a("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs")
-    a("--seed", type=int, default=None, help="seed (default: random, recorded in checkpoints)")
-    a("--seed_per_process", action="store_true",
-      help="seed process i with seed + i, so processes draw different noise (the reference seeds all alike)")
+    a("--seed", type=int, default=None,
+      help="seed; process i is seeded with seed + i, as the reference (default: random, recorded in "
+           "train_config.json and checkpoints)")
     # output
     a("--output_dir", default="sd-model-finetuned")
     a("--logging_dir", default="logs", help="TensorBoard folder, under output_dir")
     a("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
+    a("--tracker_project_name", default="preference-training", help="the trackers' project name (TensorBoard subfolder)")
+    a("--local_rank", type=int, default=-1, help="ignored: accelerate launch sets each process's rank")
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints")
     a("--resume_from_checkpoint", default="latest", help="'latest', a checkpoint folder, or '' to start afresh")
+    a("--dry_run", action="store_true",
+      help="check the settings and the dataset, write train_config.json, and stop before loading any model")
     args = p.parse_args(argv)
 
     if args.resolution is None:
         args.resolution = 1024 if args.sdxl else 512
     for flag in ("use_adafactor", "gradient_checkpointing"):
         if getattr(args, flag) is None:
-            setattr(args, flag, args.sdxl)  # the reference's SDXL launchers turn both on
+            setattr(args, flag, args.sdxl)  # the reference forces both on for SDXL; here they can be turned off
     if args.max_train_steps == 0:
         args.max_train_steps = None
     return args
@@ -131,6 +166,11 @@ def validate(args):
     check(not (args.streaming and args.max_train_steps is None), "--streaming needs --max_train_steps")
     check(not (args.choice_model and args.train_method == "sft"), "--choice_model needs pairs; sft trains on winners")
     check(not (args.sdxl_true_time_ids and not args.sdxl), "--sdxl_true_time_ids needs --sdxl")
+    check(args.max_grad_norm >= 0, f"--max_grad_norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}")
+    check(not (args.ref_unet and args.train_method == "sft"), "--ref_unet needs a preference objective; sft has no reference")
+    check(args.image_column is None,
+          "--image_column: preference pairs are read from the columns jpg_0 and jpg_1 (the reference ignores "
+          "--image_column for pairs too); rename your dataset's image columns to jpg_0 and jpg_1")
     index = os.path.join(args.pretrained_model_name_or_path, "model_index.json")
     if os.path.isfile(index):
         has_second_encoder = "text_encoder_2" in json.load(open(index))
@@ -142,29 +182,42 @@ def validate(args):
 # ---- models ----------------------------------------------------------------------------------
 
 
+def reference_spec(args) -> str:
+    """Where the reference UNet comes from: --ref_unet, else --unet_init (as the reference), else the base."""
+    return args.ref_unet or args.unet_init or "base"
+
+
 def load_models(args):
-    """Tokenizers, text encoders, VAE, noise scheduler, policy UNet and (unless sft) reference UNet."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    """Tokenizers, text encoders, VAE, policy UNet and (unless sft) reference UNet."""
+    import copy
+
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    base, rev = args.pretrained_model_name_or_path, args.revision
-    tokenizers = [CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", revision=rev)]
-    text_encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=rev)]
+    base = args.pretrained_model_name_or_path
+    hub = dict(revision=args.revision, cache_dir=args.cache_dir)
+    tokenizers = [CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **hub)]
+    text_encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **hub)]
     if args.sdxl:
-        tokenizers.append(CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", revision=rev))
-        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", revision=rev))
+        tokenizers.append(CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", **hub))
+        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", **hub))
     if args.pretrained_vae_model_name_or_path:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=rev)
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, **hub)
     else:
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", revision=rev)
-    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=rev)
-    unet = checkpoints.load_unet(args.unet_init or "base", base, revision=rev)
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **hub)
+    policy_spec = args.unet_init or "base"
+    unet = checkpoints.load_unet(policy_spec, base, **hub)
+    if args.unet_init:
+        checkpoints.check_fits_base(unet, f"--unet_init {args.unet_init}", base, **hub)
     ref_unet = None
     if args.train_method != "sft":
-        ref_unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=rev)
-        if args.unet_init:
-            checkpoints.check_same_shapes(unet, ref_unet, f"--unet_init {args.unet_init}", "the base UNet")
-    return tokenizers, text_encoders, vae, noise_scheduler, unet, ref_unet
+        ref_spec = reference_spec(args)
+        if ref_spec == policy_spec:  # the reference starts where the policy starts: copy, don't load twice
+            ref_unet = copy.deepcopy(unet)
+        else:
+            ref_unet = checkpoints.load_unet(ref_spec, base, **hub)
+            checkpoints.check_same_shapes(ref_unet, unet, f"--ref_unet {ref_spec}", f"the policy UNet ({policy_spec})")
+    return tokenizers, text_encoders, vae, unet, ref_unet
 
 
 def build_optimizer(args, params, lr):
@@ -184,15 +237,20 @@ class Step:
     """Computes the loss of one micro-batch; everything it needs is fixed for the run."""
 
     def __init__(self, args, accelerator, unet, ref_unet, vae, prompt_encoder, noise_scheduler, weight_dtype,
-                 chooser=None):
+                 timesteps: tuple[int, int], chooser=None):
         self.args, self.accelerator, self.chooser = args, accelerator, chooser
         self.unet, self.ref_unet, self.vae = unet, ref_unet, vae
         self.prompt_encoder, self.noise_scheduler, self.weight_dtype = prompt_encoder, noise_scheduler, weight_dtype
-        self.t_lo, self.t_hi = timestep_range(args.timestep_weighting, args.timestep_range,
-                                              noise_scheduler.config.num_train_timesteps)
+        self.t_lo, self.t_hi = timesteps  # draw t from [t_lo, t_hi)
         self.prediction_type = noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise InputError(f"unsupported scheduler prediction_type {self.prediction_type!r}")
+        # The reference's numerics (kept as the default): under bf16 its latents, noise, noisy latents
+        # and target stay in the weight dtype, its reference UNet runs in pure bf16 without autocast,
+        # and its reference losses are computed and rounded in bf16. --loss_precision fp32 keeps all
+        # of these in fp32 instead.
+        self.reference_numerics = args.loss_precision == "reference"
+        self.latent_dtype = weight_dtype if self.reference_numerics else torch.float32
 
     def __call__(self, batch):
         args, device = self.args, self.accelerator.device
@@ -207,9 +265,10 @@ class Step:
         pixels = pixels.transpose(0, 1).reshape(B * k, *pixels.shape[2:])  # winners first
         with torch.no_grad():
             latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample()
-            latents = latents.float() * self.vae.config.scaling_factor
-        # One timestep and one noise per pair, shared by its winner and loser.
-        noise = torch.randn_like(latents[:B]).repeat(k, 1, 1, 1)
+            latents = latents.to(self.latent_dtype) * self.vae.config.scaling_factor
+        # One timestep and one noise per pair, shared by its winner and loser. The noise is drawn in
+        # fp32 and then rounded to the latents' dtype, so both --loss_precision modes see the same draws.
+        noise = torch.randn_like(latents[:B], dtype=torch.float32).to(latents.dtype).repeat(k, 1, 1, 1)
         t = torch.randint(self.t_lo, self.t_hi, (B,), device=device).repeat(k)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
@@ -232,7 +291,8 @@ class Step:
         if k == 1:
             loss, loss_stats = sft_loss(model_pred, target, weights)
             return loss, {**loss_stats, **stats}
-        with torch.no_grad(), self.accelerator.autocast():
+        ref_autocast = contextlib.nullcontext() if self.reference_numerics else self.accelerator.autocast()
+        with torch.no_grad(), ref_autocast:
             ref_pred = self.ref_unet(noisy, t, **cond).sample
         scale = 1.0
         if args.use_winner_preserving:
@@ -241,6 +301,7 @@ class Step:
         loss, loss_stats = preference_loss(
             model_pred, ref_pred, target, method=args.train_method, beta=args.beta_dpo,
             dmpo_alpha=args.dmpo_alpha, sdxl=args.sdxl, loser_scale=scale, pair_weights=weights,
+            upcast=not self.reference_numerics,
         )
         return loss, {**loss_stats, **stats}
 
@@ -248,31 +309,66 @@ class Step:
 # ---- outputs ---------------------------------------------------------------------------------
 
 
-def write_model_card(args, step, num_pairs, path):
-    safeguard = (f"on (mu = {args.winner_preserving_mu}, {'per pair' if args.winner_preserving_per_sample else 'per micro-batch'})"
-                 if args.use_winner_preserving else "off")
+def run_config(args, accelerator, weight_dtype, timesteps: tuple[int, int], resume_path: str | None) -> dict:
+    """Every setting after defaults and validation, plus what the run derives from them."""
+    import accelerate
+    import diffusers
+    import transformers
+
+    world, accum = accelerator.num_processes, args.gradient_accumulation_steps
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in ("local_rank", "image_column")}
+    derived = {
+        "num_processes": world,
+        "pairs_per_step": args.train_batch_size * accum * world,
+        "effective_lr": args.learning_rate * (args.train_batch_size * accum * world if args.scale_lr else 1),
+        "optimizer": "Adafactor" if args.use_adafactor else "AdamW",
+        "gradient_clipping": f"clip at {float(args.max_grad_norm)}" if args.max_grad_norm > 0 else "off",
+        "mixed_precision_used": accelerator.mixed_precision,
+        "weight_dtype": str(weight_dtype).removeprefix("torch."),
+        "loss_precision": args.loss_precision,
+        "process_seeds": "seed + process index (as the reference)",
+        "seed_of_process_0": args.seed,
+        "timestep_range": list(timesteps),
+        "policy_unet": args.unet_init or "base",
+        "reference_unet": None if args.train_method == "sft" else reference_spec(args),
+        "resumed_from": resume_path,
+        "command": [os.path.basename(sys.argv[0]), *sys.argv[1:]],
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__, "accelerate": accelerate.__version__},
+    }
+    return {**settings, "derived": derived}
+
+
+def write_model_card(config: dict, step: int, num_pairs, path: str) -> None:
+    c, d = config, config["derived"]
+    safeguard = (f"on (mu = {c['winner_preserving_mu']}, "
+                 f"{'per pair' if c['winner_preserving_per_sample'] else 'per micro-batch'})"
+                 if c["use_winner_preserving"] else "off")
     lines = [
-        "---", "library_name: diffusers", f"base_model: {args.pretrained_model_name_or_path}",
+        "---", "library_name: diffusers", f"base_model: {c['pretrained_model_name_or_path']}",
         "tags: [text-to-image, diffusion, preference-optimization]", "---", "",
-        f"# {args.train_method} fine-tune of {args.pretrained_model_name_or_path}", "",
+        f"# {c['train_method']} fine-tune of {c['pretrained_model_name_or_path']}", "",
         "Trained with this project's `train.py`. Load with "
-        "`UNet2DConditionModel.from_pretrained(path, subfolder=\"unet\")`.", "",
+        "`UNet2DConditionModel.from_pretrained(path, subfolder=\"unet\")`. Every setting is in "
+        "`train_config.json`.", "",
         "| setting | value |", "|---|---|",
-        f"| base model | {args.pretrained_model_name_or_path} |",
-        f"| architecture | {'SDXL' if args.sdxl else 'SD1.x'} |",
-        f"| method | {args.train_method} |",
-        f"| beta | {args.beta_dpo} |",
-        f"| DMPO alpha | {args.dmpo_alpha} |",
+        f"| base model | {c['pretrained_model_name_or_path']} |",
+        f"| architecture | {'SDXL' if c['sdxl'] else 'SD1.x'} |",
+        f"| initial UNet / reference UNet | {d['policy_unet']} / {d['reference_unet']} |",
+        f"| method | {c['train_method']} |",
+        f"| beta | {c['beta_dpo']} |",
+        f"| DMPO alpha | {c['dmpo_alpha']} |",
         f"| winner-preserving safeguard | {safeguard} |",
-        f"| timestep weighting | {args.timestep_weighting} |",
-        f"| data | {args.dataset_name} (split {args.split}, {num_pairs if num_pairs is not None else 'streamed'} pairs) |",
-        f"| resolution | {args.resolution} |",
+        f"| timestep weighting | {c['timestep_weighting']} |",
+        f"| data | {c['dataset_name']} (split {c['split']}, {num_pairs if num_pairs is not None else 'streamed'} pairs) |",
+        f"| resolution | {c['resolution']} |",
         f"| optimizer steps | {step} |",
-        f"| pairs per step | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x {args.num_processes} processes |",
-        f"| learning rate | {args.effective_lr:g} ({args.lr_scheduler}, {args.lr_warmup_steps} warmup steps) |",
-        f"| optimizer | {'Adafactor' if args.use_adafactor else 'AdamW'} |",
-        f"| mixed precision | {args.mixed_precision} |",
-        f"| seed | {args.seed} |",
+        f"| pairs per step | {c['train_batch_size']} x {c['gradient_accumulation_steps']} accumulation x "
+        f"{d['num_processes']} processes |",
+        f"| learning rate | {d['effective_lr']:g} ({c['lr_scheduler']}, {c['lr_warmup_steps']} warmup steps) |",
+        f"| optimizer | {d['optimizer']}, gradient clipping: {d['gradient_clipping']} |",
+        f"| mixed precision | {d['mixed_precision_used']}, loss precision: {d['loss_precision']} |",
+        f"| seed | {c['seed']} (+ process index) |",
     ]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -284,12 +380,15 @@ def write_model_card(args, step, num_pairs, path):
 def train(args):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
+    from eval.files import write_json_atomic
+
     validate(args)
-    if args.mixed_precision != "no" and not torch.cuda.is_available():
-        logger.warning("no GPU: --mixed_precision %s falls back to 'no'", args.mixed_precision)
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        logger.warning("no GPU: --mixed_precision fp16 falls back to 'no'")
         args.mixed_precision = "no"
     report_to = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
@@ -301,10 +400,11 @@ def train(args):
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
     for noisy_logger in ("diffusers", "transformers", "datasets", "httpx"):
         logging.getLogger(noisy_logger).setLevel(logging.WARNING)
-    args.num_processes = accelerator.num_processes
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    accum, world = args.gradient_accumulation_steps, accelerator.num_processes
 
     resume_path = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     resume_state = None
@@ -314,12 +414,32 @@ def train(args):
         args.seed = resume_state["seed"] if args.seed is None else args.seed
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)  # the reference's default is unseeded
-    # The reference seeds every process alike, so all draw the same noise and timesteps.
-    set_seed(args.seed + (accelerator.process_index if args.seed_per_process else 0))
+    set_seed(args.seed + accelerator.process_index)  # as the reference: each process its own stream
+
+    # The settings and the data are checked before any model loads.
+    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                                    revision=args.revision, cache_dir=args.cache_dir)
+    try:
+        timesteps = timestep_range(args.timestep_weighting, args.timestep_range,
+                                   noise_scheduler.config.num_train_timesteps)
+    except ValueError as err:
+        raise InputError(f"--timestep_range: {err}") from None
+    start_step = resume_state["global_step"] if resume_state else 0
+    dataloader, num_pairs = build_dataloader(args, rank=accelerator.process_index, world_size=world,
+                                             start_micro_batch=start_step * accum)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * math.ceil(len(dataloader) / accum)
+    config = run_config(args, accelerator, weight_dtype, timesteps, resume_path)
+    if accelerator.is_main_process:
+        write_json_atomic(config, os.path.join(args.output_dir, CONFIG_FILE))
+    if args.dry_run:
+        logger.info("dry run: the settings and the data check out; wrote %s",
+                    os.path.join(args.output_dir, CONFIG_FILE))
+        accelerator.end_training()
+        return {}
 
     # Models: the policy trains in fp32 under autocast; everything frozen runs in the weight dtype.
-    tokenizers, text_encoders, vae, noise_scheduler, unet, ref_unet = load_models(args)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    tokenizers, text_encoders, vae, unet, ref_unet = load_models(args)
     for frozen in [*text_encoders, vae, ref_unet]:
         if frozen is not None:
             frozen.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
@@ -332,16 +452,8 @@ def train(args):
         unet.enable_gradient_checkpointing()
     prompt_encoder = PromptEncoder(tokenizers, text_encoders, args.resolution)
 
-    accum, world = args.gradient_accumulation_steps, accelerator.num_processes
-    args.effective_lr = args.learning_rate * (args.train_batch_size * accum * world if args.scale_lr else 1)
-    optimizer = build_optimizer(args, unet.parameters(), args.effective_lr)
+    optimizer = build_optimizer(args, unet.parameters(), config["derived"]["effective_lr"])
     unet, optimizer = accelerator.prepare(unet, optimizer)
-
-    start_step = resume_state["global_step"] if resume_state else 0
-    dataloader, num_pairs = build_dataloader(args, rank=accelerator.process_index, world_size=world,
-                                             start_micro_batch=start_step * accum)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * math.ceil(len(dataloader) / accum)
     # The reference steps its prepared scheduler once per optimizer step per process, with warmup
     # and length multiplied by the process count: the warmup counts optimizer steps. So do we.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -351,8 +463,8 @@ def train(args):
         logger.info("resumed from %s at step %d", resume_path, start_step)
 
     if accelerator.is_main_process and report_to:
-        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("preference-training", config)
+        flat = {k: v for k, v in {**config, **config["derived"]}.items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(args.tracker_project_name, flat)
     chooser = None
     if args.choice_model:
         from eval.score import parse_sources
@@ -360,10 +472,12 @@ def train(args):
 
         sources = parse_sources(args.choice_model_source).get(args.choice_model, {})
         chooser = build_scorer(args.choice_model, device=str(accelerator.device), **sources)
-    step_fn = Step(args, accelerator, unet, ref_unet, vae, prompt_encoder, noise_scheduler, weight_dtype, chooser)
-    logger.info("%s on %s: %d pairs per step (%d per process x %d accumulation x %d processes), %d steps, lr %g",
-                args.train_method, "SDXL" if args.sdxl else "SD1.x", args.train_batch_size * accum * world,
-                args.train_batch_size, accum, world, args.max_train_steps, args.effective_lr)
+    step_fn = Step(args, accelerator, unet, ref_unet, vae, prompt_encoder, noise_scheduler, weight_dtype, timesteps,
+                   chooser)
+    logger.info("%s on %s: %d pairs per step (%d per process x %d accumulation x %d processes), %d steps, lr %g, "
+                "gradient clipping: %s, loss precision: %s", args.train_method, "SDXL" if args.sdxl else "SD1.x",
+                config["derived"]["pairs_per_step"], args.train_batch_size, accum, world, args.max_train_steps,
+                config["derived"]["effective_lr"], config["derived"]["gradient_clipping"], args.loss_precision)
 
     batches = iter(dataloader)
     progress = tqdm(range(start_step, args.max_train_steps), initial=start_step, total=args.max_train_steps,
@@ -371,12 +485,12 @@ def train(args):
     logs = {}
     metrics_file = os.path.join(args.output_dir, "metrics.jsonl")
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
         if os.path.exists(metrics_file):  # keep the steps before the resume point, drop any after it
             kept = [line for line in open(metrics_file) if json.loads(line)["step"] <= start_step]
             with open(metrics_file, "w") as f:
                 f.writelines(kept)
     run_state = {"seed": args.seed, "train_method": args.train_method, "sdxl": args.sdxl}
+    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf  # inf: measure the norm, clip nothing
     for step in range(start_step, args.max_train_steps):
         started = time.perf_counter()
         step_stats = []
@@ -388,16 +502,18 @@ def train(args):
                 loss, stats = step_fn(batch)
                 accelerator.backward(loss / accum)
             step_stats.append({"loss": loss.detach(), **stats})
-        if not args.use_adafactor:  # the reference leaves clipping to Adafactor's own update clipping
-            accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+        grad_norm = accelerator.clip_grad_norm_(unet.parameters(), max_norm)  # the norm before clipping
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         # One device sync per step: average over micro-batches, then over processes.
-        keys = step_stats[0].keys()
-        means = torch.stack([torch.stack([s[k].float() for s in step_stats]).mean() for k in keys])
-        means = accelerator.reduce(means, reduction="mean").tolist()
+        keys = list(step_stats[0].keys())
+        means = [torch.stack([s[k].float() for s in step_stats]).mean() for k in keys]
+        if grad_norm is not None:
+            keys.append("grad_norm")
+            means.append(grad_norm.float().reshape(()))
+        means = accelerator.reduce(torch.stack(means), reduction="mean").tolist()
         logs = dict(zip(keys, means), lr=lr_scheduler.get_last_lr()[0],
                     step_seconds=time.perf_counter() - started)
         accelerator.log(logs, step=step + 1)
@@ -423,7 +539,7 @@ def train(args):
 
             shutil.rmtree(final)
         os.replace(tmp, final)
-        write_model_card(args, args.max_train_steps, num_pairs, os.path.join(args.output_dir, "README.md"))
+        write_model_card(config, args.max_train_steps, num_pairs, os.path.join(args.output_dir, "README.md"))
         logger.info("saved the trained UNet to %s", final)
     accelerator.end_training()
     return logs

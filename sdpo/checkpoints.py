@@ -144,7 +144,18 @@ def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler) -> dict:
     return state
 
 
-def load_unet(spec: str, base: str, revision: str | None = None):
+def check_fits_base(unet, spec: str, base: str, revision: str | None = None, cache_dir: str | None = None) -> None:
+    """Stop with a clear error if a UNet's parameters differ from the base pipeline's UNet. The base
+    UNet is built from its config on the meta device: no weights are read."""
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=revision, cache_dir=cache_dir)
+    with torch.device("meta"):
+        shapes = UNet2DConditionModel.from_config(config)
+    check_same_shapes(unet, shapes, spec, "the base UNet")
+
+
+def load_unet(spec: str, base: str, revision: str | None = None, cache_dir: str | None = None):
     """A UNet from any of the forms checkpoints come in:
 
     - "base": the base pipeline's own UNet;
@@ -156,7 +167,7 @@ def load_unet(spec: str, base: str, revision: str | None = None):
     from diffusers import UNet2DConditionModel
 
     if spec == "base":
-        return UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=revision)
+        return UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=revision, cache_dir=cache_dir)
     if os.path.isdir(spec):
         if os.path.isfile(os.path.join(spec, "unet", "config.json")):
             return UNet2DConditionModel.from_pretrained(spec, subfolder="unet")
@@ -181,7 +192,7 @@ def load_unet(spec: str, base: str, revision: str | None = None):
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{spec} does not hold a state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=revision)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=revision, cache_dir=cache_dir)
     mismatch = first_shape_mismatch(state, unet.state_dict())
     if mismatch:
         key, got, expected = mismatch

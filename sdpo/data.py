@@ -24,7 +24,8 @@ from sdpo.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS = ("jpg_0", "jpg_1", "label_0", "caption")
+IMAGE_COLUMNS = ("jpg_0", "jpg_1")
+LABEL_COLUMN = "label_0"
 
 
 # ---- loading -------------------------------------------------------------------------------
@@ -39,31 +40,46 @@ def _parquet_files(folder: str, split: str) -> list[str]:
     raise InputError(f"no parquet files for split {split!r} in {folder} (looked for data/{split}-*.parquet)")
 
 
-def load_split(name: str, split: str, streaming: bool = False, revision: str | None = None):
-    """A `datasets` split from a hub id, a local folder in the hub's layout or one parquet file."""
+def load_split(name: str, split: str, streaming: bool = False, revision: str | None = None,
+               config_name: str | None = None, data_dir: str | None = None, cache_dir: str | None = None):
+    """A `datasets` split from a hub id, a local folder in the hub's layout or one parquet file.
+
+    `config_name`, `data_dir` and `cache_dir` mean what they mean to `datasets.load_dataset` (the
+    reference's --dataset_config_name, --train_data_dir and --cache_dir); for a local folder,
+    `data_dir` is a subfolder of it.
+    """
     from datasets import load_dataset
 
+    local = os.path.exists(name)
+    if local and config_name:
+        raise InputError(f"--dataset_config_name {config_name!r}: {name} is a local copy, which has no "
+                         f"configurations (the flag selects a configuration of a hub dataset)")
     if os.path.isdir(name):
-        files = _parquet_files(name, split)
+        files = _parquet_files(os.path.join(name, data_dir) if data_dir else name, split)
     elif os.path.isfile(name):
+        if data_dir:
+            raise InputError(f"--train_data_dir {data_dir!r}: {name} is a single file, not a folder")
         files = [name]
     else:
         files = None
     try:
         if files is not None:
-            return load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
-        return load_dataset(name, split=split, streaming=streaming, revision=revision)
+            return load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming,
+                                cache_dir=cache_dir)
+        return load_dataset(name, config_name, split=split, streaming=streaming, revision=revision,
+                            data_dir=data_dir, cache_dir=cache_dir)
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
         raise InputError(f"could not load dataset {name!r} (split {split!r}): {err}") from err
 
 
-def check_columns(column_names, name: str) -> None:
+def check_columns(column_names, name: str, caption_column: str = "caption") -> None:
     """Stop at once, naming the column, if the dataset lacks one we read."""
-    for column in REQUIRED_COLUMNS:
+    required = (*IMAGE_COLUMNS, LABEL_COLUMN, caption_column)
+    for column in required:
         if column not in column_names:
             raise InputError(
                 f"dataset {name!r} has no column {column!r} (it has: {', '.join(column_names)}); "
-                f"preference data needs {', '.join(REQUIRED_COLUMNS)}"
+                f"preference data needs {', '.join(required)}"
             )
 
 
@@ -120,8 +136,9 @@ class PairTransform:
     (the two images of a pair flip independently, as in the reference)."""
 
     def __init__(self, resolution, random_crop=False, hflip=True, proportion_empty_prompts=0.0, winners_only=False,
-                 keep_raw=False):
+                 keep_raw=False, caption_column="caption"):
         self.resolution = resolution
+        self.caption_column = caption_column
         self.random_crop = random_crop
         self.hflip = hflip
         self.proportion_empty_prompts = proportion_empty_prompts
@@ -133,7 +150,8 @@ class PairTransform:
         columns = (first,) if self.winners_only else (first, second)
         images = [decode_image(row[c]) for c in columns]
         done = [transform_image(im, self.resolution, rng, self.random_crop, self.hflip) for im in images]
-        caption = row["caption"] if isinstance(row["caption"], str) else str(row["caption"])
+        caption = row[self.caption_column]
+        caption = caption if isinstance(caption, str) else str(caption)
         # SDXL micro-conditioning of each image: (original_h, original_w, crop_top, crop_left, res, res).
         time_ids = torch.tensor([[*original, *crop, self.resolution, self.resolution] for _, original, crop in done],
                                 dtype=torch.float32)
@@ -276,6 +294,13 @@ def order_by_scores(pixels: torch.Tensor, scores_0, scores_1) -> torch.Tensor:
     return torch.where(swap.view(-1, *([1] * (pixels.ndim - 1))), pixels.flip(1), pixels)
 
 
+def first_samples(rows: list[int], count: int, seed: int) -> list[int]:
+    """The rows the reference keeps for --max_train_samples: `datasets`' shuffle(seed=seed) of the
+    decided rows (a permutation from numpy's default_rng(seed)), then the first `count`."""
+    order = np.random.default_rng(seed).permutation(len(rows))
+    return [rows[i] for i in order[:count].tolist()]
+
+
 def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int):
     """The training dataloader for this process, positioned at micro-batch `start_micro_batch`.
 
@@ -287,13 +312,15 @@ def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int
         hflip=not args.no_hflip,
         proportion_empty_prompts=args.proportion_empty_prompts,
         winners_only=args.train_method == "sft",
-        keep_raw=bool(getattr(args, "choice_model", None)),
+        keep_raw=bool(args.choice_model),
+        caption_column=args.caption_column,
     )
-    data = load_split(args.dataset_name, args.split, streaming=args.streaming, revision=args.dataset_revision)
+    data = load_split(args.dataset_name, args.split, streaming=args.streaming, revision=args.dataset_revision,
+                      config_name=args.dataset_config_name, data_dir=args.train_data_dir, cache_dir=args.cache_dir)
     column_names = data.column_names
     if column_names is None:  # a stream whose features are unknown: look at its first row
         column_names = list(next(iter(data)).keys())
-    check_columns(column_names, args.dataset_name)
+    check_columns(column_names, args.dataset_name, args.caption_column)
     # A generator of its own keeps the loader from drawing on the global RNG (exact resume).
     common = dict(collate_fn=collate_pairs, num_workers=args.dataloader_num_workers,
                   generator=torch.Generator().manual_seed(args.seed), pin_memory=torch.cuda.is_available())
@@ -312,9 +339,7 @@ def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int
     logger.info("%s[%s]: %d rows, dropped %d ties, %d pairs left", args.dataset_name, args.split,
                 len(data), ties, len(rows))
     if args.max_train_samples is not None and args.max_train_samples < len(rows):
-        # As the reference: a seeded shuffle, then the first max_train_samples.
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        rows = [rows[i] for i in order[: args.max_train_samples]]
+        rows = first_samples(rows, args.max_train_samples, args.seed)
     dataset = PairDataset(data, rows, transform, args.seed)
     sampler = PairBatchSampler(
         len(dataset), args.train_batch_size, args.seed, rank, world_size,

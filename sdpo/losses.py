@@ -1,12 +1,14 @@
 """Preference objectives for diffusion models, as small pure functions of tensors.
 
-Conventions (METHODS.md section 1): a micro-batch of B preference pairs is laid out winners-first,
-so `model_pred`, `ref_pred` and `target` have 2B rows: rows 0..B-1 are winners, B..2B-1 losers.
-A per-sample loss is the mean squared error over every non-batch dimension.
+Conventions (docs/methods.md, "A training batch"): a micro-batch of B preference pairs is laid out
+winners-first, so `model_pred`, `ref_pred` and `target` have 2B rows: rows 0..B-1 are winners,
+B..2B-1 losers. A per-sample loss is the mean squared error over every non-batch dimension.
 
-Every function here is dtype-agnostic: float64 in gives float64 math. Half-precision inputs
-(bf16/fp16 predictions under autocast) are promoted to float32 first, because the logit
-u = -0.5 * beta * (...) multiplies differences of MSEs by beta ~ 5000.
+Every function here is dtype-agnostic: float64 in gives float64 math. With `upcast=True` (the
+default) half-precision inputs are promoted to float32 first, because the logit
+u = -0.5 * beta * (...) multiplies differences of MSEs by beta ~ 5000. With `upcast=False` each
+operation runs in the dtype its operands promote to, as the reference implementation computes
+under bf16: its reference-model losses are computed and rounded in bf16.
 """
 
 from __future__ import annotations
@@ -26,9 +28,22 @@ def _float(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """l_i = mean over all non-batch dims of (pred_i - target_i)**2, one value per row."""
-    return (_float(pred) - _float(target)).pow(2).flatten(1).mean(dim=1)
+def _as_is(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _sample_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every non-batch dimension, one value per row (the reference's mean(dim=[1, 2, 3]))."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+    """l_i = mean over all non-batch dims of (pred_i - target_i)**2, one value per row.
+
+    upcast=False computes in the operands' promoted dtype: bf16 against bf16 stays bf16.
+    """
+    cast = _float if upcast else _as_is
+    return _sample_mean((cast(pred) - cast(target)).pow(2))
 
 
 def check_mu(mu: float) -> float:
@@ -88,7 +103,7 @@ def scale_gradient(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor
 def preference_logit(
     loss_w: torch.Tensor, loss_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, beta: float
 ) -> torch.Tensor:
-    """u = -0.5 * beta * ((l_w - l_l) - (r_w - r_l)), one value per pair (METHODS.md section 2)."""
+    """u = -0.5 * beta * ((l_w - l_l) - (r_w - r_l)), one value per pair (docs/methods.md, "The logit")."""
     return -0.5 * beta * ((loss_w - loss_l) - (ref_w - ref_l))
 
 
@@ -123,26 +138,29 @@ def dspo_term(
     target: torch.Tensor,
     beta: float,
     sdxl: bool,
+    upcast: bool = True,
     **_,
 ) -> torch.Tensor:
     """DSPO in the reference's two forms. With r = pred_w - target_w, d = pred_w - ref_w and
     s = 1 - sigmoid(u) (broadcast over C, H, W; gradients flow through s, r and d):
 
     - SD1.5: mean_CHW((r - beta * s * d)**2)
-    - SDXL:  mean_CHW((s * d)**2) if mean(d**2) over the micro-batch >= 0.1, else s**2
+    - SDXL:  mean_CHW((s * d)**2) if mean_i(mean_CHW(d_i**2)) >= 0.1, else s**2
 
-    The two forms differ in the reference; both are kept as it has them.
+    The two forms differ in the reference; both are kept as it has them. The SDXL switch tests the
+    mean of the per-sample means, as the reference does, and is a torch.where (no host sync, and
+    graph-safe under torch.compile): both forms are computed, the other one gets no gradient.
     """
+    cast = _float if upcast else _as_is
     B = u.shape[0]
-    pred_w = _float(model_pred[:B])
-    drift = pred_w - _float(ref_pred[:B]).detach()
+    pred_w = cast(model_pred[:B])
+    drift = pred_w - cast(ref_pred[:B]).detach()
     s = (1 - torch.sigmoid(u)).view(B, *([1] * (drift.ndim - 1)))
     if not sdxl:
-        residual = pred_w - _float(target[:B])
-        return (residual - beta * s * drift).pow(2).flatten(1).mean(dim=1)
-    if drift.pow(2).mean() >= DSPO_SDXL_SWITCH:
-        return (s * drift).pow(2).flatten(1).mean(dim=1)
-    return s.flatten().pow(2)
+        residual = pred_w - cast(target[:B])
+        return _sample_mean((residual - beta * s * drift).pow(2))
+    large_drift = _sample_mean(drift.pow(2)).mean() >= DSPO_SDXL_SWITCH
+    return torch.where(large_drift, _sample_mean((s * drift).pow(2)), _sample_mean(s.pow(2)))
 
 
 OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {
@@ -177,6 +195,7 @@ def preference_loss(
     sdxl: bool = False,
     loser_scale: torch.Tensor | float = 1.0,
     pair_weights: torch.Tensor | None = None,
+    upcast: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A preference objective on a winners-first batch of 2B predictions.
 
@@ -185,6 +204,11 @@ def preference_loss(
     L_l = sg(l_l) + loser_scale * (l_l - sg(l_l)), so forward values never change. Then
     u = -0.5 * beta * ((l_w - L_l) - (r_w - r_l)) and the loss is the (weighted) mean over pairs
     of the objective's per-pair term (see OBJECTIVES). `ref_pred` is treated as constant.
+
+    upcast=True computes everything in at least float32. upcast=False reproduces the reference's
+    bf16 numerics: each per-sample MSE, and r_w - r_l, is computed in the dtype its operands
+    promote to, so a bf16 `ref_pred` against a bf16 `target` gives bf16 reference losses (an fp32
+    `model_pred` against the same target gives fp32 policy losses, as under autocast).
 
     Returns (loss, stats); stats are detached 0-dim tensors: implicit_acc (fraction of u > 0),
     model_mse, ref_mse, winner_minus_ref (mean l_w - r_w), loser_minus_ref (mean l_l - r_l),
@@ -195,15 +219,16 @@ def preference_loss(
     if model_pred.shape[0] % 2:
         raise ValueError(f"a winners-first batch needs an even number of rows, got {model_pred.shape[0]}")
     ref_pred = ref_pred.detach()
-    model_losses = per_sample_mse(model_pred, target)
-    ref_losses = per_sample_mse(ref_pred, target)
+    model_losses = per_sample_mse(model_pred, target, upcast)
+    ref_losses = per_sample_mse(ref_pred, target, upcast)
     loss_w, loss_l = model_losses.chunk(2)
     ref_w, ref_l = ref_losses.chunk(2)
     if isinstance(loser_scale, torch.Tensor):
         loser_scale = loser_scale.detach().to(loss_l.dtype)
     u = preference_logit(loss_w, scale_gradient(loss_l, loser_scale), ref_w, ref_l, beta)
     terms = OBJECTIVES[method](
-        u, model_pred=model_pred, ref_pred=ref_pred, target=target, beta=beta, sdxl=sdxl, dmpo_alpha=dmpo_alpha
+        u, model_pred=model_pred, ref_pred=ref_pred, target=target, beta=beta, sdxl=sdxl, dmpo_alpha=dmpo_alpha,
+        upcast=upcast,
     )
     loss = weighted_mean(terms, pair_weights)
     with torch.no_grad():

@@ -108,3 +108,20 @@ def test_time_ids_record_original_size_and_crop():
     top, left = rng.randint(0, 0), rng.randint(0, 6)
     flipped = rng.random() < 0.5
     assert original == (40, 48) and crop == (top, 38 - left - 32 if flipped else left)
+
+
+@pytest.mark.parametrize("seed,count", [(0, 5), (1234, 11), (7, 1)])
+def test_max_train_samples_picks_the_reference_rows(seed, count):
+    """The reference drops ties with select(), then shuffle(seed=seed).select(range(count)) in
+    `datasets`; the same rows come out of first_samples."""
+    from datasets import Dataset
+
+    from sdpo.data import first_samples
+
+    labels = [1.0, 0.5, 0.0, 1.0, 1.0, 0.5, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.5, 0.0, 1.0, 0.0]
+    data = Dataset.from_dict({"row": list(range(len(labels))), "label_0": labels})
+    decided = [i for i, label in enumerate(data["label_0"]) if label in (0, 1)]
+    reference = data.select(decided).shuffle(seed=seed).select(range(count))["row"]
+    rows, _ = decided_rows(labels)
+    assert first_samples(rows, count, seed) == reference
+    assert len(set(reference)) == count

@@ -7,6 +7,7 @@ import torch
 
 from sdpo.losses import (
     dmpo_term,
+    preference_logit,
     per_sample_mse,
     preference_loss,
     scale_gradient,
@@ -242,3 +243,113 @@ def test_weighted_mean_masks_pairs():
 def test_per_sample_mse_promotes_half_precision():
     a = torch.randn(2, 3, dtype=torch.bfloat16)
     assert per_sample_mse(a, torch.zeros_like(a)).dtype == torch.float32
+
+
+# ---- the reference's bf16 numerics (upcast=False) ---------------------------------------------
+
+
+def reference_loss_written_out(model_pred, ref_pred, target, method, beta, sdxl=False, alpha=0.0, scale=1.0):
+    """The reference implementation's loss lines, written out with its dtypes: an fp32 policy
+    prediction (autocast's output), a bf16 reference prediction and a bf16 target."""
+    F = torch.nn.functional
+    model_losses = (model_pred - target).pow(2).mean(dim=[1, 2, 3])
+    model_w, model_l = model_losses.chunk(2)
+    model_l_scaled = model_l.detach() + scale * (model_l - model_l.detach())
+    model_diff = model_w - model_l_scaled
+    ref_losses = (ref_pred - target).pow(2).mean(dim=[1, 2, 3])  # bf16, rounded in bf16
+    ref_w, ref_l = ref_losses.chunk(2)
+    ref_diff = ref_w - ref_l
+    inside = -0.5 * beta * (model_diff - ref_diff)
+    if method == "diffusion-dpo":
+        return -F.logsigmoid(inside).mean()
+    if method == "dmpo":
+        p = torch.sigmoid(inside)
+        q = p.new_tensor([1.0 - alpha]).clamp(1e-6, 1 - 1e-6)
+        kl = p * (-F.softplus(-inside) - torch.log(q)) + (1 - p) * (-F.softplus(inside) - torch.log1p(-q))
+        return kl.mean()
+    drift_w, _ = (model_pred - ref_pred).chunk(2)
+    s = (1 - torch.sigmoid(inside))[:, None, None, None]
+    if not sdxl:
+        residual_w, _ = (model_pred - target).chunk(2)
+        return (residual_w - beta * s * drift_w).pow(2).mean(dim=[1, 2, 3]).mean()
+    if drift_w.pow(2).mean(dim=[1, 2, 3]).mean() >= 0.1:
+        return (s * drift_w).pow(2).mean(dim=[1, 2, 3]).mean()
+    return s.pow(2).mean(dim=[1, 2, 3]).mean()
+
+
+def bf16_batch(B=4, seed=11, drift=0.05):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(2 * B, 4, 8, 8, generator=g).bfloat16()
+    model = (target.float() + 0.3 * torch.randn(2 * B, 4, 8, 8, generator=g))
+    ref = (model + drift * torch.randn(2 * B, 4, 8, 8, generator=g)).bfloat16()
+    return model, ref, target
+
+
+@pytest.mark.parametrize("method,beta,sdxl,drift", [
+    ("diffusion-dpo", 5000.0, False, 0.05), ("dmpo", 2000.0, False, 0.05), ("dspo", 0.001, False, 0.05),
+    ("dspo", 5000.0, True, 0.05), ("dspo", 5000.0, True, 1.0),  # the SDXL form on both sides of the switch
+])
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+def test_reference_precision_equals_the_reference_bitwise(method, beta, sdxl, drift, scale):
+    model, ref, target = bf16_batch(drift=drift)
+    ours_in = model.clone().requires_grad_(True)
+    theirs_in = model.clone().requires_grad_(True)
+    ours, stats = preference_loss(ours_in, ref, target, method=method, beta=beta, sdxl=sdxl, dmpo_alpha=0.01,
+                                  loser_scale=torch.tensor(scale), upcast=False)
+    theirs = reference_loss_written_out(theirs_in, ref, target, method, beta, sdxl, 0.01, torch.tensor(scale))
+    assert ours.dtype == theirs.dtype == torch.float32
+    assert torch.equal(ours, theirs)
+    ours.backward()
+    theirs.backward()
+    assert torch.equal(ours_in.grad, theirs_in.grad)
+    assert stats["ref_mse"].dtype == torch.bfloat16  # the reference losses were computed in bf16
+
+
+def test_reference_precision_rounds_the_reference_losses_in_bf16():
+    """The one place the modes differ on these inputs: r = mse(ref_pred, target) in bf16 or fp32."""
+    model, ref, target = bf16_batch(B=64)
+    r_bf16 = per_sample_mse(ref, target, upcast=False)
+    r_fp32 = per_sample_mse(ref, target)
+    assert r_bf16.dtype == torch.bfloat16 and r_fp32.dtype == torch.float32
+    assert torch.equal(r_bf16, (ref - target).pow(2).mean(dim=[1, 2, 3]))
+    # The policy losses are fp32 in both modes (fp32 prediction against a bf16 target).
+    assert torch.equal(per_sample_mse(model, target, upcast=False), per_sample_mse(model, target))
+    beta = 5000.0
+    u = {}
+    for upcast in (False, True):
+        _, stats = preference_loss(model, ref, target, method="diffusion-dpo", beta=beta, upcast=upcast)
+        r = per_sample_mse(ref, target, upcast)
+        l = per_sample_mse(model, target)
+        u[upcast] = preference_logit(*l.chunk(2), *r.chunk(2), beta).float()
+    delta = (u[False] - u[True]).abs()
+    # bf16 keeps 8 bits: r ~ 0.1 rounds by up to 2**-12, and beta / 2 = 2500 turns that into O(0.1).
+    assert 0.01 < float(delta.mean()) < 2.0 and float(delta.max()) < 4.0
+
+
+def test_dspo_sdxl_switch_tests_the_mean_of_per_sample_means():
+    """Where the flat mean of d**2 and the mean of its per-sample means fall on different sides of
+    0.1 in fp32, the switch follows the mean of per-sample means, as the reference."""
+    g = torch.Generator().manual_seed(0)
+    found = None
+    for _ in range(200):
+        base = torch.rand(3, 4, 9, 11, generator=g) * torch.rand(3, 1, 1, 1, generator=g) * 3
+        scale = (0.1 / base.pow(2).mean(dim=[1, 2, 3]).mean().item()) ** 0.5
+        for k in range(-30, 31):  # a few fp32 ulps either side of the threshold
+            d = base * (scale * (1 + k * 3e-8))
+            per_sample = bool(d.pow(2).mean(dim=[1, 2, 3]).mean() >= 0.1)
+            if per_sample != bool(d.pow(2).mean() >= 0.1):
+                found = (d, per_sample)
+                break
+        if found:
+            break
+    assert found is not None, "no fp32 input where the two means straddle 0.1"
+    d, per_sample = found
+    model = torch.cat([d, torch.zeros_like(d)])
+    ref = target = torch.zeros_like(model)
+    loss, _ = preference_loss(model, ref, target, method="dspo", beta=1.0, sdxl=True)
+    u = preference_logit(*per_sample_mse(model, target).chunk(2), *per_sample_mse(ref, target).chunk(2), 1.0)
+    s = 1 - torch.sigmoid(u)
+    large = (s.view(-1, 1, 1, 1) * d).pow(2).mean(dim=[1, 2, 3]).mean()
+    small = s.pow(2).mean()
+    assert not torch.equal(large, small)
+    assert torch.equal(loss, large if per_sample else small)

@@ -193,10 +193,12 @@ def test_two_processes_on_cpu(tiny, tmp_path):
     assert "8 pairs per step (2 per process x 2 accumulation x 2 processes)" in result.stderr
     assert sorted(os.listdir(tmp_path / "checkpoint-2")) == sorted(
         ["lr_scheduler.pt", "optimizer.pt", "rng-0.safetensors", "rng-1.safetensors", "trainer_state.json", "unet"])
-    # As the reference, every process is seeded alike, so all draw the same noise and timesteps.
+    # As the reference, process i is seeded with seed + i: the two draw different noise and timesteps.
     r0 = load_file(tmp_path / "checkpoint-2" / "rng-0.safetensors")["torch"]
     r1 = load_file(tmp_path / "checkpoint-2" / "rng-1.safetensors")["torch"]
-    assert torch.equal(r0, r1)
+    assert not torch.equal(r0, r1)
+    config = json.loads((tmp_path / "train_config.json").read_text())
+    assert config["derived"]["num_processes"] == 2 and config["derived"]["pairs_per_step"] == 8
 
 
 def test_streaming_trains(tiny, tmp_path):
@@ -308,11 +310,11 @@ def test_v_prediction_scheduler_trains(tiny, tmp_path):
     assert logs["loss"] == pytest.approx(math.log(2), abs=1e-6) and logs["kept_fraction"] == 1.0
 
 
-@pytest.mark.parametrize("method,expected_loads", [("sft", 1), ("dmpo", 2)])
-def test_sft_loads_no_reference_unet(tiny, tmp_path, monkeypatch, method, expected_loads):
+@pytest.mark.parametrize("method", ["sft", "dmpo"])
+def test_the_reference_unet_is_a_copy_and_sft_has_none(tiny, tmp_path, monkeypatch, method):
     from diffusers import UNet2DConditionModel
 
-    loads = []
+    loads, seen = [], {}
     original = UNet2DConditionModel.from_pretrained.__func__
 
     def counting(cls, *args, **kwargs):
@@ -320,6 +322,216 @@ def test_sft_loads_no_reference_unet(tiny, tmp_path, monkeypatch, method, expect
         return original(cls, *args, **kwargs)
 
     monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", classmethod(counting))
+    spy_step(monkeypatch, seen)
     run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path), "--train_method", method,
                                    "--max_train_steps", "1", "--checkpointing_steps", "0"))
-    assert len(loads) == expected_loads
+    assert len(loads) == 1  # the reference UNet is copied from the policy, not loaded again
+    if method == "sft":
+        assert seen["ref_unet"] is None
+    else:
+        ref, base = seen["ref_unet"].state_dict(), unet_weights(os.path.join(tiny["sd15"], "unet"))
+        assert all(torch.equal(ref[k], base[k]) for k in base)
+        assert not any(p.requires_grad for p in seen["ref_unet"].parameters())
+
+
+def spy_step(monkeypatch, seen):
+    """Record the UNets that train.py hands to its Step."""
+    init = train.Step.__init__
+
+    def spy(self, args, accelerator, unet, ref_unet, *rest, **kwargs):
+        seen.update(unet=unet, ref_unet=ref_unet)
+        init(self, args, accelerator, unet, ref_unet, *rest, **kwargs)
+
+    monkeypatch.setattr(train.Step, "__init__", spy)
+
+
+def perturbed_unet(tiny, folder):
+    """A UNet folder that differs from the tiny base's (as an SFT run's output would)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny["sd15"], subfolder="unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    unet.save_pretrained(str(folder / "unet"))
+    return str(folder)
+
+
+def test_unet_init_is_also_the_reference(tiny, tmp_path, monkeypatch):
+    """As the reference, --unet_init starts the policy and the reference (so DPO after SFT is
+    measured against the SFT model); --ref_unet base measures it against the base instead."""
+    init = perturbed_unet(tiny, tmp_path / "sft")
+    seen = {}
+    spy_step(monkeypatch, seen)
+    logs = run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "a"), "--unet_init", init,
+                                          "--max_train_steps", "1", "--checkpointing_steps", "0"))
+    assert logs["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference: u = 0
+    init_weights = unet_weights(os.path.join(init, "unet"))
+    assert all(torch.equal(seen["ref_unet"].state_dict()[k], init_weights[k]) for k in init_weights)
+
+    logs = run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "b"), "--unet_init", init,
+                                          "--ref_unet", "base", "--max_train_steps", "1", "--checkpointing_steps", "0"))
+    base = unet_weights(os.path.join(tiny["sd15"], "unet"))
+    assert all(torch.equal(seen["ref_unet"].state_dict()[k], base[k]) for k in base)
+    assert abs(logs["loss"] - math.log(2)) > 1e-3
+    config = json.loads((tmp_path / "b" / "train_config.json").read_text())["derived"]
+    assert config["policy_unet"] == init and config["reference_unet"] == "base"
+
+
+def test_choice_model_takes_the_reference_names():
+    base = ["--pretrained_model_name_or_path", "m", "--dataset_name", "d"]
+    names = {"aes": "aesthetics", "hps": "hpsv2", "clip": "clip", "pickscore": "pickscore",
+             "imagereward": "imagereward", "hpsv2": "hpsv2", "": None}
+    for given, expected in names.items():
+        assert train.parse_args([*base, "--choice_model", given]).choice_model == expected
+    with pytest.raises(SystemExit):
+        train.parse_args([*base, "--choice_model", "nope"])
+
+
+def dry_run_config(tiny, out, *flags):
+    run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(out), "--dry_run", *flags))
+    return json.loads((out / "train_config.json").read_text())
+
+
+def test_train_config_records_every_setting_and_loads_no_model(tiny, tmp_path, monkeypatch):
+    def no_models(args):
+        raise AssertionError("a dry run must not load models")
+
+    monkeypatch.setattr(train, "load_models", no_models)
+    config = dry_run_config(tiny, tmp_path, "--gradient_accumulation_steps", "3", "--scale_lr",
+                            "--learning_rate", "1e-6", "--use_adafactor", "--max_grad_norm", "0.5",
+                            "--timestep_weighting", "importance")
+    d = config["derived"]
+    assert d["effective_lr"] == pytest.approx(1e-6 * 2 * 3) and d["pairs_per_step"] == 6
+    assert d["num_processes"] == 1 and d["optimizer"] == "Adafactor"
+    assert d["gradient_clipping"] == "clip at 0.5" and d["loss_precision"] == "reference"
+    assert d["seed_of_process_0"] == 0 and "seed + process index" in d["process_seeds"]
+    assert d["timestep_range"] == [100, 1000] and d["reference_unet"] == "base"
+    assert config["max_train_steps"] == 2000 and config["beta_dpo"] == 5000.0 and config["seed"] == 0
+    assert not (tmp_path / "unet").exists()
+    assert dry_run_config(tiny, tmp_path / "off", "--max_grad_norm", "0")["derived"]["gradient_clipping"] == "off"
+
+
+def test_reference_flags(tiny, tmp_path, capsys):
+    """The reference's flags that users pass: each has its meaning, or a one-line refusal."""
+    import pyarrow.parquet as pq
+
+    # --train_data_dir: a subfolder of the dataset; --caption_column: another caption column.
+    table = pq.read_table(os.path.join(tiny["data"], "data", "train-00000-of-00001.parquet"))
+    (tmp_path / "copy" / "sub" / "data").mkdir(parents=True)
+    pq.write_table(table.rename_columns(["text" if c == "caption" else c for c in table.column_names]),
+                   tmp_path / "copy" / "sub" / "data" / "train-00000-of-00001.parquet")
+    args = tiny_train_args(tiny["sd15"], str(tmp_path / "copy"), str(tmp_path / "a"), "--train_data_dir", "sub",
+                           "--caption_column", "text", "--max_train_steps", "1", "--checkpointing_steps", "0",
+                           "--cache_dir", str(tmp_path / "cache"), "--local_rank", "0",
+                           "--tracker_project_name", "my-project", "--report_to", "tensorboard")
+    logs = run_in_process(args)
+    assert math.isfinite(logs["loss"])
+    assert (tmp_path / "a" / "logs" / "my-project").is_dir()
+    with pytest.raises(SystemExit) as exit_info:  # the caption column is 'text' now
+        run_in_process(tiny_train_args(tiny["sd15"], str(tmp_path / "copy"), str(tmp_path / "b"),
+                                       "--train_data_dir", "sub", "--dry_run"))
+    assert exit_info.value.code == 2 and "no column 'caption'" in capsys.readouterr().err
+    refused = [(["--dataset_config_name", "default"], "has no configurations"),
+               (["--image_column", "image"], "rename your dataset's image columns to jpg_0 and jpg_1"),
+               (["--max_grad_norm", "-1"], "--max_grad_norm must be >= 0"),
+               (["--train_method", "sft", "--ref_unet", "base"], "--ref_unet needs a preference objective")]
+    for flags, message in refused:
+        with pytest.raises(SystemExit) as exit_info:
+            run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "c"), "--dry_run", *flags))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_gradient_clipping_applies_to_adafactor_and_the_norm_is_logged(tiny, tmp_path, monkeypatch):
+    from transformers.optimization import Adafactor
+
+    seen = []
+    step = Adafactor.step
+
+    def spy(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Adafactor, "step", spy)
+    common = ["--max_train_steps", "1", "--checkpointing_steps", "0", "--use_adafactor"]
+    logs = run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "a"), *common,
+                                          "--max_grad_norm", "0"))
+    unclipped = seen[-1]
+    assert logs["grad_norm"] == pytest.approx(unclipped, rel=1e-5) and unclipped > 1e-3
+    logs = run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "b"), *common,
+                                          "--max_grad_norm", "1e-3"))
+    assert logs["grad_norm"] == pytest.approx(unclipped, rel=1e-5)  # logged before clipping
+    assert seen[-1] == pytest.approx(1e-3, rel=1e-4)  # what Adafactor received
+
+
+@pytest.mark.parametrize("precision", ["reference", "fp32"])
+def test_loss_precision_casts_under_bf16(tiny, tmp_path, monkeypatch, precision):
+    """bf16 on CPU. reference: latents, noise and target in bf16, the reference UNet in pure bf16
+    without autocast, its losses in bf16; the loss equals the reference's lines written out,
+    bitwise. fp32: the same step with fp32 latents, noise, target and losses."""
+    from diffusers import UNet2DConditionModel
+    from test_losses import reference_loss_written_out
+
+    captured, forwards = {}, []
+    loss_fn = train.preference_loss
+
+    def capture(model_pred, ref_pred, target, **kwargs):
+        result = loss_fn(model_pred, ref_pred, target, **kwargs)
+        captured.update(model_pred=model_pred.detach(), ref_pred=ref_pred, target=target, kwargs=kwargs,
+                        loss=result[0].detach())
+        return result
+
+    forward = UNet2DConditionModel.forward
+
+    def spy(self, sample, *args, **kwargs):
+        trains = any(p.requires_grad for p in self.parameters())
+        forwards.append((trains, sample.dtype, torch.is_autocast_enabled("cpu")))
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(train, "preference_loss", capture)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    logs = run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path), "--max_train_steps", "1",
+                                          "--checkpointing_steps", "0", "--mixed_precision", "bf16",
+                                          "--loss_precision", precision))
+    latent_dtype = torch.bfloat16 if precision == "reference" else torch.float32
+    assert captured["model_pred"].dtype == torch.float32 and captured["target"].dtype == latent_dtype
+    assert captured["kwargs"]["upcast"] == (precision == "fp32")
+    assert forwards == [(True, latent_dtype, True), (False, latent_dtype, precision == "fp32")]
+    assert captured["ref_pred"].dtype == torch.bfloat16
+    if precision == "reference":
+        expected = reference_loss_written_out(captured["model_pred"], captured["ref_pred"], captured["target"],
+                                              "diffusion-dpo", 5000.0)
+        assert torch.equal(captured["loss"], expected)
+    assert logs["loss"] == pytest.approx(float(captured["loss"]))
+
+
+@pytest.mark.parametrize("launcher", ["sd15_diffusion_dpo", "sd15_dspo", "sd15_dmpo",
+                                      "sdxl_diffusion_dpo", "sdxl_dspo", "sdxl_dmpo"])
+def test_launchers_dry_run_record_the_reference_settings(tiny, tmp_path, launcher):
+    import subprocess
+
+    from conftest import ROOT
+
+    arch = launcher.split("_")[0]
+    env = {**os.environ, "NUM_GPUS": "1", "MODEL_NAME": tiny[arch], "VAE_NAME": os.path.join(tiny[arch], "vae"),
+           "DATASET_NAME": tiny["data"], "OUTPUT_DIR": str(tmp_path)}
+    overrides = ["--dry_run", "--resolution=32", "--train_batch_size=1", "--gradient_accumulation_steps=1",
+                 "--dataloader_num_workers=0"]
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "train", f"{launcher}.sh"), *overrides],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((tmp_path / "train_config.json").read_text())
+    d = config["derived"]
+    assert d["gradient_clipping"] == "clip at 1.0" and d["loss_precision"] == "reference"
+    assert "seed + process index" in d["process_seeds"] and d["seed_of_process_0"] == config["seed"]
+    assert d["optimizer"] == ("Adafactor" if arch == "sdxl" else "AdamW")
+    assert config["gradient_checkpointing"] == (arch == "sdxl") and config["mixed_precision"] == "bf16"
+    paper = {"sd15_diffusion_dpo": (5000, 0.9, 0.0, 1e-8), "sd15_dspo": (0.001, 0.2, 0.0, 1e-8),
+             "sd15_dmpo": (2000, 0.9, 0.01, 1e-8), "sdxl_diffusion_dpo": (5000, 0.6, 0.0, 1e-9),
+             "sdxl_dspo": (5000, 0.6, 0.0, 1e-9), "sdxl_dmpo": (6000, 0.6, 0.01, 1e-9)}[launcher]
+    assert (config["beta_dpo"], config["winner_preserving_mu"], config["dmpo_alpha"], config["learning_rate"]) == paper
+    assert config["use_winner_preserving"] and config["scale_lr"] and config["allow_tf32"]
+    assert not (tmp_path / "unet").exists()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Shared by the launchers (sourced): the reference's common settings, GPU detection, the effective
-# batch, and `accelerate launch train.py`. The caller sets SDXL (0/1), METHOD, BETA, MU, LR and
+# Shared by the launchers (sourced): the reference's common settings (a gradient-norm clip of 1.0 with
+# both optimizers, the reference's bf16 numerics), GPU detection, the effective batch, and
+# `accelerate launch train.py`. The caller sets SDXL (0/1), METHOD, BETA, MU, LR and
 # optionally ALPHA; the user's extra flags ("$@") come last and override anything here.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -38,7 +39,7 @@ exec "$python" -m accelerate.commands.launch "${multi[@]}" --num_processes "$NUM
   "${arch[@]}" --train_batch_size=$BATCH --gradient_accumulation_steps=$ACCUM --dataloader_num_workers=16 \
   --max_train_steps=2000 --checkpointing_steps=500 \
   --lr_scheduler=constant_with_warmup --lr_warmup_steps=500 --learning_rate="$LR" --scale_lr \
-  --mixed_precision=bf16 --allow_tf32 --report_to=tensorboard \
+  --mixed_precision=bf16 --allow_tf32 --loss_precision=reference --max_grad_norm=1.0 --report_to=tensorboard \
   --train_method="$METHOD" --beta_dpo="$BETA" --dmpo_alpha="${ALPHA:-0.0}" \
   --use_winner_preserving --winner_preserving_mu="$MU" \
   "$@"
