@@ -3,7 +3,8 @@
     python -m eval.evaluate --unet_path CKPT [--sdxl] [--suites papv2 hpsv2 partiprompts] \
         [--metrics ...] [--max_prompts N] [--batch_size 16] [--source METRIC.FIELD=VALUE ...]
 
-A missing suite file is built from its upstream source first (eval.prompts). Generation flags
+The suites are the files shipped under prompts/ (eval.prompts; no network needed); only a
+missing one is rebuilt from its upstream source. Generation flags
 (--pretrain_path, --vae_path, --output_path, --height, --width, --seed, --steps, --cfg, --device,
 --dtype) are those of eval.generate.
 """

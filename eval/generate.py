@@ -1,4 +1,5 @@
-"""Generate images for a prompt suite with the reference's protocol (METHODS.md section 8).
+"""Generate images for a prompt suite with the reference's protocol (docs/methods.md, section
+"Evaluation protocol").
 
     python -m eval.generate --unet_path CKPT --test_json prompts/papv2.json [--sdxl] [--batch_size 16]
 

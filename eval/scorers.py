@@ -2,7 +2,7 @@
 
 Each scorer loads its model once, runs batched on the given device, and takes its model sources
 as keyword arguments (hub ids or local paths), so clusters without internet can point at copies.
-Definitions (METHODS.md section 8):
+Definitions (docs/methods.md, section "Evaluation protocol"):
 
 - pickscore:  cosine of the normalised text and image embeddings of PickScore_v1 (processor from
               laion/CLIP-ViT-H-14-laion2B-s32B-b79K); not multiplied by the logit scale.
@@ -181,6 +181,13 @@ class AestheticMLP(torch.nn.Module):
         return self.layers(x)
 
 
+def load_aesthetic_mlp(source: str, input_size: int = 768) -> AestheticMLP:
+    """The aesthetic head loaded from its checkpoint (a local path or a URL), in eval mode."""
+    mlp = AestheticMLP(input_size)
+    mlp.load_state_dict(load_state_dict(fetch(source)))
+    return mlp.eval()
+
+
 class Aesthetics(Scorer):
     name = "aesthetics"
     DEFAULT_MLP = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
@@ -192,9 +199,7 @@ class Aesthetics(Scorer):
 
         self.processor = CLIPImageProcessor.from_pretrained(clip)
         self.clip = CLIPModel.from_pretrained(clip).to(self.device).eval()
-        self.mlp = AestheticMLP(self.clip.config.projection_dim)
-        self.mlp.load_state_dict(load_state_dict(fetch(mlp)))
-        self.mlp.to(self.device).eval()
+        self.mlp = load_aesthetic_mlp(mlp, self.clip.config.projection_dim).to(self.device)
 
     def score_batch(self, images, prompts):
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)

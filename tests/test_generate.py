@@ -1,4 +1,4 @@
-"""Generation: batch-size independence, resumability, checkpoint forms, the Parti parser; the launchers."""
+"""Generation: batch-size independence, resumability, checkpoint forms; the launchers."""
 
 import json
 import os
@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import ROOT
 from eval.generate import main as generate_main
-from eval.prompts import parse_parti_tsv, write_suite, record
+from eval.prompts import record, write_suite
 from sdpo.checkpoints import load_unet
 from sdpo.errors import InputError
 
@@ -85,35 +85,6 @@ def test_a_pickle_that_runs_code_is_refused(tiny, tmp_path):
     with pytest.raises(InputError, match="refusing to load"):
         load_unet(str(tmp_path / "unet.pth"), tiny["sd15"])
     assert not os.path.exists(tmp_path / "pwned")
-
-
-def test_parti_parser_keeps_file_order_and_quotes():
-    text = ("Prompt\tCategory\tChallenge\tNote\n"
-            "bond\tAbstract\tBasic\tBiology-inspired\n"
-            '"G I G G L E" painted on a wall\tIllustrations\tWriting\t\n'
-            'The words "Fly" on a wall\tOutdoor Scenes\tComplex\t\n')
-    suite = parse_parti_tsv(text)
-    assert [r["prompt"] for r in suite] == ["bond", '"G I G G L E" painted on a wall', 'The words "Fly" on a wall']
-    assert suite[1]["metadata"] == {"category": "Illustrations", "challenge": "Writing"}
-    with pytest.raises(InputError, match="Prompt"):
-        parse_parti_tsv("foo\tbar\n")
-
-
-def test_hpsv2_and_papv2_builders(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from eval.prompts import build_hpsv2, build_papv2
-
-    for style in ("anime", "concept-art", "paintings", "photo"):
-        json.dump([f"{style} 1", "same"], open(tmp_path / f"{style}.json", "w"))
-    suite = build_hpsv2(str(tmp_path))
-    assert len(suite) == 8 and suite[0] == record("anime 1", style="anime") and suite[7]["metadata"]["style"] == "photo"
-    assert [r["prompt"] for r in suite].count("same") == 4  # duplicates kept
-    (tmp_path / "pap" / "data").mkdir(parents=True)
-    pq.write_table(pa.table({"caption": ["b", "a", "b", "c", "a"], "label_0": [1.0] * 5}),
-                   tmp_path / "pap" / "data" / "test-00000-of-00001.parquet")
-    assert [r["prompt"] for r in build_papv2(str(tmp_path / "pap"))] == ["b", "a", "c"]
 
 
 def launch(script, *args):

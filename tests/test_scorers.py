@@ -1,13 +1,22 @@
-"""Each score equals its definition computed by hand from the model's embeddings (tiny random models)."""
+"""Each score equals its definition computed by hand from the model's embeddings (tiny random models),
+and the aesthetic head, loaded from the released LAION weights where they are present, is the stack of
+linear maps it is said to be."""
 
+import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from eval.scorers import build_scorer, load_state_dict
+from conftest import ROOT
+from eval.scorers import build_scorer, load_aesthetic_mlp, load_state_dict
 from eval.tiny import build_tiny_scorers
+
+# The released LAION aesthetic-predictor weights, as the reference ships them. Only in the project's
+# shared data folder beside the checkout: a clone lacks them, and the test that needs them skips.
+REAL_AESTHETIC_MLP = os.path.join(ROOT, "..", "shared", "data", "upstream", "diffusion-sdpo", "utils",
+                                  "aesthetics_model", "sac+logos+ava1-l14-linearMSE.pth")
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +82,39 @@ def test_aesthetics_is_the_mlp_on_the_normalised_embedding(sources):
     for layer in (0, 2, 4, 6, 7):  # linear layers only: the head has no activations
         x = x @ state[f"layers.{layer}.weight"].double().T + state[f"layers.{layer}.bias"].double()
     assert got == pytest.approx(x.squeeze(-1).tolist(), abs=1e-6)
+
+
+def test_real_aesthetic_weights_are_five_linear_maps():
+    if not os.path.isfile(REAL_AESTHETIC_MLP):
+        pytest.skip("the released aesthetic-predictor weights are not available: they are in the project's "
+                    "shared data folder beside the checkout, which a plain clone does not have")
+    state = load_state_dict(REAL_AESTHETIC_MLP)  # weights_only=True, as the scorer loads it
+    widths = (768, 1024, 128, 64, 16, 1)
+    linear = (0, 2, 4, 6, 7)  # indices 1, 3, 5 are dropouts, which hold no parameters
+    expected = {}
+    for index, n_in, n_out in zip(linear, widths, widths[1:]):
+        expected[f"layers.{index}.weight"] = (n_out, n_in)
+        expected[f"layers.{index}.bias"] = (n_out,)
+    assert [(k, tuple(v.shape)) for k, v in state.items()] == list(expected.items())
+
+    mlp = load_aesthetic_mlp(REAL_AESTHETIC_MLP)  # the scorer's own loader
+    assert not mlp.training  # dropout off
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((5, 768)))
+    x = x / x.pow(2).sum(-1, keepdim=True).sqrt()  # L2-normalised, as the CLIP image embedding is
+    h = x
+    for index in linear:
+        h = h @ state[f"layers.{index}.weight"].double().T + state[f"layers.{index}.bias"].double()
+    by_hand = h.squeeze(-1)
+    with torch.no_grad():
+        got32 = mlp(x.float()).squeeze(-1).double()
+        got64 = mlp.double()(x).squeeze(-1)
+    assert torch.allclose(got64, by_hand, rtol=0, atol=1e-12)
+    assert torch.allclose(got32, by_hand, rtol=0, atol=1e-4)
+    # The values themselves (on LAION's 1-10 scale), so that other weights in that file would be noticed.
+    assert by_hand.tolist() == pytest.approx([4.464581, 5.480435, 5.008131, 5.676257, 5.575931], abs=1e-6)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        assert not torch.allclose(mlp.train()(x).squeeze(-1), by_hand, atol=1e-3)  # so eval mode mattered
 
 
 def test_unknown_metrics_say_so():
