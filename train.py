@@ -62,7 +62,7 @@ def parse_args(argv=None):
       help="a different reference UNet: 'base' (the base pipeline's) or a UNet path (default: --unet_init, else base)")
     a("--cache_dir", default=None, help="where downloaded models and datasets are stored (as datasets/diffusers' cache_dir)")
     # data
-    a("--dataset_name", required=True, help="hub id, or a local folder with data/<split>-*.parquet, or one parquet file")
+    a("--dataset_name", default=None, help="hub id, or a local folder with data/<split>-*.parquet, or one parquet file")
     a("--dataset_revision", default=None, help="revision of the dataset on the hub")
     a("--dataset_config_name", default=None, help="configuration of a hub dataset (load_dataset's second argument)")
     a("--train_data_dir", default=None,
@@ -153,6 +153,8 @@ def validate(args):
         if not ok:
             raise InputError(message)
 
+    check(args.dataset_name, "--dataset_name is required: a hub id or a local copy of Pick-a-Pic-style pairs (the "
+                             "reference's image-folder data, --train_data_dir without --dataset_name, is not supported)")
     try:
         check_mu(args.winner_preserving_mu)
     except ValueError as err:

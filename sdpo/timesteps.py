@@ -1,7 +1,7 @@
 """Timestep clipping, masking and importance weighting (the importance-sampled DPO paper).
 
 The paper defines a per-step importance weight w_t = p_theta(x_{t-1} | x_t) / q(x_{t-1} | x_t, x0)
-but does not pin down every numerical detail. Our definition (METHODS.md section 5):
+but does not pin down every numerical detail. Our definition (docs/methods.md, "Timestep weighting"):
 
 - q(x_{t-1} | x_t, x0) = N(mu_q, var_t), mu_q = c0_t * x0 + ct_t * x_t (DDPM posterior);
   p_theta(x_{t-1} | x_t) = N(mu_p, var_t), the same with x0 replaced by the model's (detached)
