@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from sdpo import checkpoints
+from sdpo import checkpoints, models
 from sdpo.conditioning import PromptEncoder
 from sdpo.data import build_dataloader, order_by_scores
 from sdpo.errors import InputError, reports_input_errors
@@ -173,12 +173,15 @@ def validate(args):
     check(args.image_column is None,
           "--image_column: preference pairs are read from the columns jpg_0 and jpg_1 (the reference ignores "
           "--image_column for pairs too); rename your dataset's image columns to jpg_0 and jpg_1")
-    index = os.path.join(args.pretrained_model_name_or_path, "model_index.json")
-    if os.path.isfile(index):
-        has_second_encoder = "text_encoder_2" in json.load(open(index))
-        check(has_second_encoder == args.sdxl,
-              f"{args.pretrained_model_name_or_path} is {'an SDXL' if has_second_encoder else 'an SD1.x'} pipeline: "
-              f"{'add' if has_second_encoder else 'remove'} --sdxl")
+    models.check_source(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+    sdxl = models.is_sdxl_pipeline(args.pretrained_model_name_or_path)
+    check(sdxl in (None, args.sdxl),
+          f"{args.pretrained_model_name_or_path} is {'an SDXL' if sdxl else 'an SD1.x'} pipeline: "
+          f"{'add' if sdxl else 'remove'} --sdxl")
+    for flag in ("pretrained_vae_model_name_or_path", "unet_init", "ref_unet"):
+        value = getattr(args, flag)
+        if value and value != "base" and not os.path.exists(value) and not models.HUB_ID.fullmatch(value):
+            raise InputError(f"--{flag} {value!r}: not found")
 
 
 # ---- models ----------------------------------------------------------------------------------
@@ -193,32 +196,19 @@ def load_models(args):
     """Tokenizers, text encoders, VAE, policy UNet and (unless sft) reference UNet."""
     import copy
 
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
     base = args.pretrained_model_name_or_path
     hub = dict(revision=args.revision, cache_dir=args.cache_dir)
-    tokenizers = [CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **hub)]
-    text_encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **hub)]
-    if args.sdxl:
-        tokenizers.append(CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", **hub))
-        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", **hub))
-    if args.pretrained_vae_model_name_or_path:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, **hub)
-    else:
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **hub)
+    tokenizers, text_encoders = models.load_text_side(base, args.sdxl, **hub)
+    vae = models.load_vae(base, args.pretrained_vae_model_name_or_path, **hub)
     policy_spec = args.unet_init or "base"
-    unet = checkpoints.load_unet(policy_spec, base, **hub)
-    if args.unet_init:
-        checkpoints.check_fits_base(unet, f"--unet_init {args.unet_init}", base, **hub)
+    unet = models.load_unet(policy_spec, base, "--unet_init", **hub)
     ref_unet = None
     if args.train_method != "sft":
         ref_spec = reference_spec(args)
         if ref_spec == policy_spec:  # the reference starts where the policy starts: copy, don't load twice
             ref_unet = copy.deepcopy(unet)
         else:
-            ref_unet = checkpoints.load_unet(ref_spec, base, **hub)
-            checkpoints.check_same_shapes(ref_unet, unet, f"--ref_unet {ref_spec}", f"the policy UNet ({policy_spec})")
+            ref_unet = models.load_unet(ref_spec, base, "--ref_unet", **hub)
     return tokenizers, text_encoders, vae, unet, ref_unet
 
 
@@ -419,8 +409,8 @@ def train(args):
     set_seed(args.seed + accelerator.process_index)  # as the reference: each process its own stream
 
     # The settings and the data are checked before any model loads.
-    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
-                                                    revision=args.revision, cache_dir=args.cache_dir)
+    noise_scheduler = models.load_scheduler(DDPMScheduler, args.pretrained_model_name_or_path,
+                                            revision=args.revision, cache_dir=args.cache_dir)
     try:
         timesteps = timestep_range(args.timestep_weighting, args.timestep_range,
                                    noise_scheduler.config.num_train_timesteps)

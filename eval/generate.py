@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from eval.files import write_json_atomic
 from eval.prompts import load_suite
-from sdpo.checkpoints import load_unet
+from sdpo import models
 from sdpo.conditioning import PromptEncoder
 from sdpo.errors import reports_input_errors
 
@@ -67,22 +67,18 @@ class Generator:
     """The sampling loop of the protocol over loaded components."""
 
     def __init__(self, base: str, unet_spec: str, sdxl: bool, vae_path: str | None, device: str, dtype):
-        from diffusers import AutoencoderKL, EulerDiscreteScheduler
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        from diffusers import EulerDiscreteScheduler
 
         self.device, self.dtype = torch.device(device), dtype
-        tokenizers = [CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")]
-        encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder")]
-        if sdxl:
-            tokenizers.append(CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2"))
-            encoders.append(CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2"))
+        flag = "--pretrain_path"
+        models.check_source(base, flag)
+        tokenizers, encoders = models.load_text_side(base, sdxl, flag)
         for encoder in encoders:
             encoder.to(self.device, dtype).eval()
         self.prompt_encoder = PromptEncoder(tokenizers, encoders, resolution=0)
-        self.scheduler = EulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
-        vae = AutoencoderKL.from_pretrained(vae_path) if vae_path else AutoencoderKL.from_pretrained(base, subfolder="vae")
-        self.vae = vae.to(self.device, torch.float32).eval()
-        self.unet = load_unet(unet_spec, base).to(self.device, dtype).eval()
+        self.scheduler = models.load_scheduler(EulerDiscreteScheduler, base, flag)
+        self.vae = models.load_vae(base, vae_path, "--vae_path", flag).to(self.device, torch.float32).eval()
+        self.unet = models.load_unet(unet_spec, base, "--unet_path").to(self.device, dtype).eval()
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def initial_noise(self, count: int, height: int, width: int, seed: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdpo.errors import InputError
+from sdpo.models import check_same_shapes
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -105,25 +106,6 @@ def save_checkpoint(accelerator, output_dir, step, unet, optimizer, lr_scheduler
     return final
 
 
-def first_shape_mismatch(ours: dict, theirs: dict):
-    """(name, our shape, their shape) of the first parameter that differs between two state
-    dicts in presence or shape ('missing' where absent), or None if they fit each other."""
-    for key in sorted(set(ours) | set(theirs)):
-        a = tuple(ours[key].shape) if key in ours else "missing"
-        b = tuple(theirs[key].shape) if key in theirs else "missing"
-        if a != b:
-            return key, a, b
-    return None
-
-
-def check_same_shapes(model, reference, name: str, reference_name: str) -> None:
-    """Stop with a clear error if two UNets' parameters differ in names or shapes."""
-    mismatch = first_shape_mismatch(model.state_dict(), reference.state_dict())
-    if mismatch:
-        key, a, b = mismatch
-        raise InputError(f"{name} does not match {reference_name}: parameter {key} has shape {a} there and {b} here")
-
-
 def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler) -> dict:
     """Restore the policy weights, optimizer, lr schedule and this process's RNG; return the state."""
     from diffusers import UNet2DConditionModel
@@ -142,61 +124,3 @@ def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler) -> dict:
         raise InputError(f"{path} was written by fewer processes than this run has ({rng_file} is missing)")
     set_rng_state(load_file(rng_file))
     return state
-
-
-def check_fits_base(unet, spec: str, base: str, revision: str | None = None, cache_dir: str | None = None) -> None:
-    """Stop with a clear error if a UNet's parameters differ from the base pipeline's UNet. The base
-    UNet is built from its config on the meta device: no weights are read."""
-    from diffusers import UNet2DConditionModel
-
-    config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=revision, cache_dir=cache_dir)
-    with torch.device("meta"):
-        shapes = UNet2DConditionModel.from_config(config)
-    check_same_shapes(unet, shapes, spec, "the base UNet")
-
-
-def load_unet(spec: str, base: str, revision: str | None = None, cache_dir: str | None = None):
-    """A UNet from any of the forms checkpoints come in:
-
-    - "base": the base pipeline's own UNet;
-    - a diffusers folder: a train.py output dir (holding unet/) or a unet/ folder itself;
-    - a .safetensors state dict, or a reference-style .pth/.pt/.bin state dict. Pickled files
-      are opened with weights_only=True, so one whose pickle would run code is refused.
-    State dicts load strictly into the base's UNet architecture.
-    """
-    from diffusers import UNet2DConditionModel
-
-    if spec == "base":
-        return UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=revision, cache_dir=cache_dir)
-    if os.path.isdir(spec):
-        if os.path.isfile(os.path.join(spec, "unet", "config.json")):
-            return UNet2DConditionModel.from_pretrained(spec, subfolder="unet")
-        if os.path.isfile(os.path.join(spec, "config.json")):
-            return UNet2DConditionModel.from_pretrained(spec)
-        raise InputError(f"{spec} is a folder but holds no diffusers UNet (no config.json, no unet/config.json)")
-    if not os.path.isfile(spec):
-        raise InputError(f"checkpoint {spec!r} not found (give 'base', a folder, a .safetensors or a .pth file)")
-    if spec.endswith(".safetensors"):
-        state = load_file(spec)
-    else:
-        import pickle
-
-        try:
-            state = torch.load(spec, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-            raise InputError(f"refusing to load {spec}: it is not a plain state dict of tensors "
-                             f"(weights_only=True rejected it: {str(err).splitlines()[0]})") from err
-        for key in ("state_dict", "module", "model"):  # common wrappers around the state dict
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"{spec} does not hold a state dict of tensors")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=revision, cache_dir=cache_dir)
-    mismatch = first_shape_mismatch(state, unet.state_dict())
-    if mismatch:
-        key, got, expected = mismatch
-        raise InputError(f"{spec} does not fit the UNet of {base}: parameter {key} is {got} there, "
-                         f"{expected} in the model")
-    unet.load_state_dict(state)
-    return unet

@@ -1,4 +1,4 @@
-"""The one exception type for bad user input, and how entry points report it."""
+"""The exceptions that end a program with a one-line message, and how entry points report them."""
 
 import functools
 import sys
@@ -11,8 +11,19 @@ class InputError(ValueError):
     """
 
 
+class RunStopped(RuntimeError):
+    """A run that cannot go on (e.g. too many non-finite steps in a row): one line, exit status 1."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, for one-line reports of library errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def reports_input_errors(main):
-    """Decorate an entry point: an InputError becomes `error: ...` on stderr and exit status 2."""
+    """Decorate an entry point: an InputError becomes `error: ...` on stderr and exit status 2, a
+    RunStopped `error: ...` and exit status 1."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -21,5 +32,8 @@ def reports_input_errors(main):
         except InputError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        except RunStopped as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
 
     return wrapper

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import ROOT
 from eval.generate import main as generate_main
 from eval.prompts import record, write_suite
-from sdpo.checkpoints import load_unet
+from sdpo.models import load_unet
 from sdpo.errors import InputError
 
 PROMPTS = ["a red cat", "a blue house on a hill", "a tiny robot", "an old boat", "x"]

@@ -213,7 +213,7 @@ def test_checkpoint_of_the_wrong_model_is_refused(tiny, tmp_path, capsys):
         run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "a"),
                                        "--unet_init", tiny["sdxl"], "--max_train_steps", "1"))
     assert exit_info.value.code == 2
-    assert "does not match the base UNet" in capsys.readouterr().err
+    assert "does not match the UNet of" in capsys.readouterr().err
     ckpt = tmp_path / "b" / "checkpoint-1"
     shutil.copytree(os.path.join(tiny["sdxl"], "unet"), ckpt / "unet")
     for name in ("optimizer.pt", "lr_scheduler.pt"):

@@ -1,0 +1,171 @@
+"""Loading the parts of a Stable Diffusion pipeline, for training and for generation.
+
+Every loader here turns a path that does not hold what it should (a missing folder, a truncated
+file, a checkpoint of another architecture) into an InputError that names the flag and the
+problem in one line, instead of a library traceback.
+
+SD1.5 and SDXL differ here only in how many tokenizers and text encoders they have; how a caption
+becomes conditioning is in `sdpo.conditioning`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+from sdpo.errors import InputError, first_line
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def check_source(source: str, flag: str) -> None:
+    """A pipeline or model source must be a folder or look like a hub id ("owner/name")."""
+    if os.path.isdir(source):
+        return
+    if os.path.exists(source):
+        raise InputError(f"{flag} {source}: a file, not a folder in the hub layout (model_index.json, unet/, ...)")
+    if not HUB_ID.fullmatch(source):
+        raise InputError(f"{flag} {source!r}: no such folder, and not a hub id (owner/name)")
+
+
+def pretrained(cls, source: str, flag: str, subfolder: str | None = None, **kwargs):
+    """`cls.from_pretrained(source, subfolder=...)`, or an InputError naming the flag."""
+    try:
+        if subfolder is None:
+            return cls.from_pretrained(source, **kwargs)
+        return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
+    except Exception as err:  # hub, file-system and format errors come in many types; all mean "unusable"
+        where = os.path.join(source, subfolder) if subfolder else source
+        raise InputError(f"{flag}: cannot load the {cls.__name__} from {where}: {first_line(err)}") from None
+
+
+def is_sdxl_pipeline(source: str) -> bool | None:
+    """Whether a local pipeline folder is SDXL (it has text_encoder_2); None when not local."""
+    index = os.path.join(source, "model_index.json")
+    if not os.path.isfile(index):
+        return None
+    try:
+        with open(index) as f:
+            return "text_encoder_2" in json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{index}: unreadable ({first_line(err)})") from None
+
+
+def load_text_side(base: str, sdxl: bool, flag: str = "--pretrained_model_name_or_path", **hub):
+    """The tokenizers and text encoders: one of each for SD1.5, two for SDXL."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizers = [pretrained(CLIPTokenizer, base, flag, "tokenizer", **hub)]
+    encoders = [pretrained(CLIPTextModel, base, flag, "text_encoder", **hub)]
+    if sdxl:
+        tokenizers.append(pretrained(CLIPTokenizer, base, flag, "tokenizer_2", **hub))
+        encoders.append(pretrained(CLIPTextModelWithProjection, base, flag, "text_encoder_2", **hub))
+    return tokenizers, encoders
+
+
+def load_vae(base: str, vae: str | None = None, vae_flag: str = "--pretrained_vae_model_name_or_path",
+             flag: str = "--pretrained_model_name_or_path", **hub):
+    """The VAE: a separate one (a folder or hub id holding only the VAE) or the pipeline's own."""
+    from diffusers import AutoencoderKL
+
+    if vae:
+        return pretrained(AutoencoderKL, vae, vae_flag, **hub)
+    return pretrained(AutoencoderKL, base, flag, "vae", **hub)
+
+
+def load_scheduler(cls, base: str, flag: str = "--pretrained_model_name_or_path", **hub):
+    return pretrained(cls, base, flag, "scheduler", **hub)
+
+
+# ---- UNets -----------------------------------------------------------------------------------
+
+
+def first_shape_mismatch(ours: dict, theirs: dict):
+    """(name, our shape, their shape) of the first parameter that differs between two state
+    dicts in presence or shape ('missing' where absent), or None if they fit each other."""
+    for key in sorted(set(ours) | set(theirs)):
+        a = tuple(ours[key].shape) if key in ours else "missing"
+        b = tuple(theirs[key].shape) if key in theirs else "missing"
+        if a != b:
+            return key, a, b
+    return None
+
+
+def check_same_shapes(model, reference, name: str, reference_name: str) -> None:
+    """Stop with a clear error if two UNets' parameters differ in names or shapes."""
+    mismatch = first_shape_mismatch(model.state_dict(), reference.state_dict())
+    if mismatch:
+        key, a, b = mismatch
+        raise InputError(f"{name} does not match {reference_name}: parameter {key} has shape {a} there and {b} here")
+
+
+def base_unet_shapes(base: str, flag: str = "--pretrained_model_name_or_path", **hub):
+    """The base pipeline's UNet built from its config on the meta device: shapes, no weights."""
+    from diffusers import UNet2DConditionModel
+
+    try:
+        config = UNet2DConditionModel.load_config(base, subfolder="unet", **hub)
+    except Exception as err:
+        raise InputError(f"{flag}: cannot read the UNet config of {base}: {first_line(err)}") from None
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+def _read_state_dict(path: str, flag: str) -> dict:
+    """A state dict of tensors from a .safetensors or a pickled (.pth/.pt/.bin) file, never
+    running a pickle: torch.load runs with weights_only=True."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as err:  # SafetensorError, OSError: truncated or not safetensors
+            raise InputError(f"{flag} {path}: not a readable .safetensors file ({first_line(err)})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError, EOFError, BadZipFile, ...
+        raise InputError(f"{flag} {path}: refusing to load it: not a plain state dict of tensors, or truncated "
+                         f"(weights_only=True rejected it: {first_line(err)})") from None
+    for key in ("state_dict", "module", "model"):  # common wrappers around the state dict
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{flag} {path}: does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_unet(spec: str, base: str, flag: str = "--unet_path", **hub):
+    """A UNet from any of the forms checkpoints come in, checked against the base pipeline's UNet:
+
+    - "base": the base pipeline's own UNet;
+    - a diffusers folder: a train.py output dir (holding unet/) or a unet/ folder itself;
+    - a .safetensors state dict, or a reference-style .pth/.pt/.bin state dict. Pickled files
+      are opened with weights_only=True, so one whose pickle would run code is refused.
+    Every form must have the base UNet's parameter names and shapes (an SDXL UNet with an SD1.5
+    base is refused, naming the first parameter that does not fit).
+    """
+    from diffusers import UNet2DConditionModel
+
+    if spec == "base":
+        return pretrained(UNet2DConditionModel, base, "--pretrained_model_name_or_path", "unet", **hub)
+    if os.path.isdir(spec):
+        for folder in (os.path.join(spec, "unet"), spec):
+            if os.path.isfile(os.path.join(folder, "config.json")):
+                unet = pretrained(UNet2DConditionModel, folder, f"{flag} {spec}")
+                check_same_shapes(unet, base_unet_shapes(base, **hub), f"{flag} {spec}", f"the UNet of {base}")
+                return unet
+        raise InputError(f"{flag} {spec}: a folder that holds no diffusers UNet (no config.json, no unet/config.json)")
+    if not os.path.isfile(spec):
+        raise InputError(f"{flag} {spec!r}: not found (give 'base', a folder, a .safetensors or a .pth file)")
+    state = _read_state_dict(spec, flag)
+    mismatch = first_shape_mismatch(state, base_unet_shapes(base, **hub).state_dict())
+    if mismatch:
+        key, got, expected = mismatch
+        raise InputError(f"{flag} {spec} does not fit the UNet of {base}: parameter {key} is {got} there, "
+                         f"{expected} in the model")
+    unet = pretrained(UNet2DConditionModel, base, "--pretrained_model_name_or_path", "unet", **hub)
+    unet.load_state_dict(state)
+    return unet
