@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from dataclasses import dataclass
 import json
 import logging
 import math
@@ -25,8 +26,9 @@ import torch
 
 from sdpo import checkpoints, models
 from sdpo.conditioning import PromptEncoder
-from sdpo.data import build_dataloader, order_by_scores
-from sdpo.errors import InputError, reports_input_errors
+from sdpo.data import build_dataloader, next_batch, order_by_scores
+from sdpo.errors import ArgumentParser, InputError, RunStopped, reports_input_errors
+from sdpo.files import check_output_dir
 from sdpo.losses import check_mu, preference_loss, sft_loss, winner_preserving_scale
 from sdpo.timesteps import MODES, log_importance_weights, pair_log_weights, pair_weights, timestep_range
 
@@ -49,7 +51,7 @@ def choice_model(name: str) -> str | None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     # models
     a("--pretrained_model_name_or_path", required=True, help="base pipeline: hub id or local folder")
@@ -104,7 +106,7 @@ def parse_args(argv=None):
     a("--learning_rate", type=float, default=1e-8)
     a("--scale_lr", action="store_true", help="lr x batch x accumulation x processes")
     a("--lr_scheduler", default="constant_with_warmup",
-      help="linear, cosine, cosine_with_restarts, polynomial, constant or constant_with_warmup")
+      choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
     a("--lr_warmup_steps", type=int, default=500, help="warmup, in optimizer steps")
     a("--use_adafactor", action=argparse.BooleanOptionalAction, default=None, help="Adafactor (default: on for SDXL)")
     a("--adam_beta1", type=float, default=0.9)
@@ -127,14 +129,31 @@ def parse_args(argv=None):
     # output
     a("--output_dir", default="sd-model-finetuned")
     a("--logging_dir", default="logs", help="TensorBoard folder, under output_dir")
-    a("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
+    a("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
     a("--tracker_project_name", default="preference-training", help="the trackers' project name (TensorBoard subfolder)")
     a("--local_rank", type=int, default=-1, help="ignored: accelerate launch sets each process's rank")
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints")
     a("--resume_from_checkpoint", default="latest", help="'latest', a checkpoint folder, or '' to start afresh")
+    a("--max_skipped_steps", type=int, default=10,
+      help="stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped)")
+    # held-out progress
+    a("--validation_pairs", type=int, default=0,
+      help="hold out this many pairs (from the training split, excluded from training; or from --validation_split) "
+           "and score them at fixed timesteps with fixed noise every --validation_steps")
+    a("--validation_split", default=None, help="take the validation pairs from this split instead")
+    a("--validation_steps", type=int, default=100, help="validate every N optimizer steps (and before the first)")
+    a("--validation_timesteps", type=int, default=5, help="fixed timesteps per validation pair, evenly spaced")
+    a("--validation_prompts", nargs="*", default=[], help="prompts to sample at each validation, saved as PNG")
+    a("--num_validation_images", type=int, default=1, help="images per validation prompt")
+    a("--validation_sampling_steps", type=int, default=25, help="Euler steps for validation images (cfg 7.5)")
+    # checks
     a("--dry_run", action="store_true",
       help="check the settings and the dataset, write train_config.json, and stop before loading any model")
+    a("--check_only", action="store_true",
+      help="check the settings, the paths, a checkpoint to resume and the dataset's columns, write nothing, and "
+           "exit (status 2 with a message if something is wrong); the launchers run this before accelerate launch. "
+           "The process count is read from WORLD_SIZE (default 1)")
     args = p.parse_args(argv)
 
     if args.resolution is None:
@@ -148,7 +167,7 @@ def parse_args(argv=None):
 
 
 def validate(args):
-    """Reject settings that cannot work, with a message that names the problem."""
+    """Reject settings that cannot work or make no sense, with one line that names the flag."""
     def check(ok, message):
         if not ok:
             raise InputError(message)
@@ -158,21 +177,59 @@ def validate(args):
     try:
         check_mu(args.winner_preserving_mu)
     except ValueError as err:
-        raise InputError(str(err)) from None
-    check(not (args.use_winner_preserving and args.train_method == "sft"),
-          "--use_winner_preserving needs a loser branch; sft trains on winners only")
+        raise InputError(f"--{err}") from None
+    # Counts and sizes.
+    for flag, low in (("train_batch_size", 1), ("gradient_accumulation_steps", 1), ("num_train_epochs", 1),
+                      ("checkpointing_steps", 0), ("lr_warmup_steps", 0), ("dataloader_num_workers", 0),
+                      ("max_skipped_steps", 1), ("validation_pairs", 0), ("validation_steps", 0),
+                      ("num_validation_images", 0), ("validation_timesteps", 1), ("validation_sampling_steps", 1)):
+        check(getattr(args, flag) >= low, f"--{flag} must be >= {low}, got {getattr(args, flag)}")
+    for flag in ("max_train_samples", "checkpoints_total_limit"):
+        value = getattr(args, flag)
+        check(value is None or value >= 1, f"--{flag} must be >= 1, got {value}")
+    check(args.max_train_steps is None or args.max_train_steps >= 1,
+          f"--max_train_steps must be >= 0 (0: --num_train_epochs passes over the data), got {args.max_train_steps}")
+    check(args.resolution >= 8 and args.resolution % 8 == 0,
+          f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    check(args.seed is None or args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
+    # The objective.
+    check(args.train_method == "sft" or args.beta_dpo > 0,
+          f"--beta_dpo must be > 0, got {args.beta_dpo}: a negative beta prefers the losers and 0 removes the "
+          f"preference signal")
     check(0.0 <= args.dmpo_alpha < 1.0, f"--dmpo_alpha must lie in [0, 1), got {args.dmpo_alpha}")
     check(0.0 <= args.proportion_empty_prompts <= 1.0, "--proportion_empty_prompts must lie in [0, 1]")
     check(0.0 <= args.is_clip_eps < 1.0, f"--is_clip_eps must lie in [0, 1), got {args.is_clip_eps}")
-    check(args.train_batch_size >= 1 and args.gradient_accumulation_steps >= 1, "batch sizes must be >= 1")
-    check(not (args.streaming and args.max_train_steps is None), "--streaming needs --max_train_steps")
+    check(args.is_mask_threshold >= 0, f"--is_mask_threshold must be >= 0, got {args.is_mask_threshold}")
+    check(not (args.use_winner_preserving and args.train_method == "sft"),
+          "--use_winner_preserving needs a loser branch; sft trains on winners only")
     check(not (args.choice_model and args.train_method == "sft"), "--choice_model needs pairs; sft trains on winners")
-    check(not (args.sdxl_true_time_ids and not args.sdxl), "--sdxl_true_time_ids needs --sdxl")
-    check(args.max_grad_norm >= 0, f"--max_grad_norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}")
     check(not (args.ref_unet and args.train_method == "sft"), "--ref_unet needs a preference objective; sft has no reference")
+    if args.timestep_range is not None:
+        lo, hi = args.timestep_range
+        check(0 <= lo < hi, f"--timestep_range {lo} {hi}: needs 0 <= MIN < MAX (timesteps are drawn from [MIN, MAX))")
+    # The optimizer.
+    check(args.learning_rate >= 0, f"--learning_rate must be >= 0, got {args.learning_rate}")
+    check(0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1, "--adam_beta1 and --adam_beta2 must lie in [0, 1)")
+    check(args.adam_epsilon > 0, f"--adam_epsilon must be > 0, got {args.adam_epsilon}")
+    check(args.adam_weight_decay >= 0, f"--adam_weight_decay must be >= 0, got {args.adam_weight_decay}")
+    check(args.max_grad_norm >= 0, f"--max_grad_norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}")
+    # Data.
+    check(not (args.streaming and args.max_train_steps is None), "--streaming needs --max_train_steps")
+    check(not (args.streaming and args.validation_pairs), "--validation_pairs needs a map-style dataset, not --streaming")
+    check(not (args.sdxl_true_time_ids and not args.sdxl), "--sdxl_true_time_ids needs --sdxl")
     check(args.image_column is None,
           "--image_column: preference pairs are read from the columns jpg_0 and jpg_1 (the reference ignores "
           "--image_column for pairs too); rename your dataset's image columns to jpg_0 and jpg_1")
+    if args.choice_model:
+        from eval.score import parse_sources
+
+        parse_sources(args.choice_model_source)
+    if args.report_to in ("wandb",):
+        import importlib.util
+
+        check(importlib.util.find_spec("wandb") is not None,
+              "--report_to wandb: wandb is not installed (pip install wandb, or --report_to tensorboard)")
+    # Paths.
     models.check_source(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
     sdxl = models.is_sdxl_pipeline(args.pretrained_model_name_or_path)
     check(sdxl in (None, args.sdxl),
@@ -182,6 +239,7 @@ def validate(args):
         value = getattr(args, flag)
         if value and value != "base" and not os.path.exists(value) and not models.HUB_ID.fullmatch(value):
             raise InputError(f"--{flag} {value!r}: not found")
+    check_output_dir(args.output_dir, "--output_dir")
 
 
 # ---- models ----------------------------------------------------------------------------------
@@ -244,50 +302,51 @@ class Step:
         self.reference_numerics = args.loss_precision == "reference"
         self.latent_dtype = weight_dtype if self.reference_numerics else torch.float32
 
-    def __call__(self, batch):
-        args, device = self.args, self.accelerator.device
-        pixels = batch["pixels"].to(device, non_blocking=True)  # (B, k, 3, H, W): k = 2 (winner, loser) or 1 (sft)
+    def latent_distribution(self, pixels):
+        """(B, k, 3, H, W) pixels -> the VAE's posterior over the kB latents, winners first."""
         B, k = pixels.shape[:2]
-        if self.chooser is not None:  # AI feedback: the scorer decides which image of each pair wins
-            images, captions = batch["raw_images"], batch["raw_captions"]
-            scores = self.chooser.score([im for pair in images for im in pair], [c for c in captions for _ in (0, 1)])
-            scores_0, scores_1 = scores[0::2], scores[1::2]
-            pixels = order_by_scores(pixels, scores_0, scores_1)
-            batch["time_ids"] = order_by_scores(batch["time_ids"], scores_0, scores_1)
-        pixels = pixels.transpose(0, 1).reshape(B * k, *pixels.shape[2:])  # winners first
+        pixels = pixels.transpose(0, 1).reshape(B * k, *pixels.shape[2:])
         with torch.no_grad():
-            latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample()
-            latents = latents.to(self.latent_dtype) * self.vae.config.scaling_factor
-        # One timestep and one noise per pair, shared by its winner and loser. The noise is drawn in
-        # fp32 and then rounded to the latents' dtype, so both --loss_precision modes see the same draws.
-        noise = torch.randn_like(latents[:B], dtype=torch.float32).to(latents.dtype).repeat(k, 1, 1, 1)
-        t = torch.randint(self.t_lo, self.t_hi, (B,), device=device).repeat(k)
+            return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+
+    def scale_latents(self, latents):
+        return latents.to(self.latent_dtype) * self.vae.config.scaling_factor
+
+    def predict(self, latents, noise, t, captions, time_ids=None, with_grad=True):
+        """(model_pred, ref_pred or None, target) for kB latents, their noise and timesteps."""
+        args, device = self.args, self.accelerator.device
+        k = latents.shape[0] // len(captions)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
         # The caption is encoded once and shared by both branches and both UNets.
-        cond = self.prompt_encoder(batch["captions"], device, self.weight_dtype).repeat(k)
-        if args.sdxl and args.sdxl_true_time_ids:  # (B, k, 6) -> winners' then losers' rows
-            cond.time_ids = batch["time_ids"].transpose(0, 1).reshape(B * k, 6).to(device, cond.time_ids.dtype)
+        cond = self.prompt_encoder(captions, device, self.weight_dtype).repeat(k)
+        if args.sdxl and args.sdxl_true_time_ids and time_ids is not None:  # (B, k, 6) -> winners', losers' rows
+            cond.time_ids = time_ids.transpose(0, 1).reshape(-1, 6).to(device, cond.time_ids.dtype)
         cond = cond.unet_kwargs()
-        with self.accelerator.autocast():
+        with torch.set_grad_enabled(with_grad), self.accelerator.autocast():
             model_pred = self.unet(noisy, t, **cond).sample
+        ref_pred = None
+        if self.ref_unet is not None and k == 2:
+            ref_autocast = contextlib.nullcontext() if self.reference_numerics else self.accelerator.autocast()
+            with torch.no_grad(), ref_autocast:
+                ref_pred = self.ref_unet(noisy, t, **cond).sample
+        return model_pred, ref_pred, target
 
+    def losses(self, model_pred, ref_pred, target, t, weighting: str, safeguard: bool):
+        """The objective and its statistics (detached 0-dim tensors)."""
+        args = self.args
         weights, stats = None, {}
-        if args.timestep_weighting != "none":
+        if weighting != "none":
             log_w = log_importance_weights(model_pred, target, t, self.noise_scheduler.alphas_cumprod,
                                            self.prediction_type, torch.randn_like(model_pred, dtype=torch.float32))
-            log_w = log_w if k == 1 else pair_log_weights(log_w)
-            weights = pair_weights(log_w, args.timestep_weighting, args.is_mask_threshold, args.is_clip_eps)
+            log_w = log_w if ref_pred is None else pair_log_weights(log_w)  # sft: one weight per image
+            weights = pair_weights(log_w, weighting, args.is_mask_threshold, args.is_clip_eps)
             stats = {"kept_fraction": (weights > 0).float().mean(), "importance_weight": log_w.exp().mean()}
-
-        if k == 1:
+        if ref_pred is None:
             loss, loss_stats = sft_loss(model_pred, target, weights)
             return loss, {**loss_stats, **stats}
-        ref_autocast = contextlib.nullcontext() if self.reference_numerics else self.accelerator.autocast()
-        with torch.no_grad(), ref_autocast:
-            ref_pred = self.ref_unet(noisy, t, **cond).sample
         scale = 1.0
-        if args.use_winner_preserving:
+        if safeguard:
             scale = winner_preserving_scale(model_pred, target, args.winner_preserving_mu,
                                             per_sample=args.winner_preserving_per_sample)
         loss, loss_stats = preference_loss(
@@ -297,26 +356,110 @@ class Step:
         )
         return loss, {**loss_stats, **stats}
 
+    def __call__(self, batch):
+        args, device = self.args, self.accelerator.device
+        pixels = batch["pixels"].to(device, non_blocking=True)  # (B, k, 3, H, W): k = 2 (winner, loser) or 1 (sft)
+        B, k = pixels.shape[:2]
+        time_ids = batch["time_ids"]
+        if self.chooser is not None:  # AI feedback: the scorer decides which image of each pair wins
+            images, captions = batch["raw_images"], batch["raw_captions"]
+            scores = self.chooser.score([im for pair in images for im in pair], [c for c in captions for _ in (0, 1)])
+            scores_0, scores_1 = scores[0::2], scores[1::2]
+            pixels = order_by_scores(pixels, scores_0, scores_1)
+            time_ids = order_by_scores(time_ids, scores_0, scores_1)
+        latents = self.scale_latents(self.latent_distribution(pixels).sample())
+        # One timestep and one noise per pair, shared by its winner and loser. The noise is drawn in
+        # fp32 and then rounded to the latents' dtype, so both --loss_precision modes see the same draws.
+        noise = torch.randn_like(latents[:B], dtype=torch.float32).to(latents.dtype).repeat(k, 1, 1, 1)
+        t = torch.randint(self.t_lo, self.t_hi, (B,), device=device).repeat(k)
+        model_pred, ref_pred, target = self.predict(latents, noise, t, batch["captions"], time_ids)
+        return self.losses(model_pred, ref_pred, target, t, args.timestep_weighting, args.use_winner_preserving)
+
+
+class Validation:
+    """Held-out pairs, scored at fixed timesteps with fixed noise, so that numbers are comparable
+    across steps and runs: the same weights give the same numbers, bitwise.
+
+    Each pair is scored at the same --validation_timesteps timesteps, evenly spaced over the run's
+    timestep range. Its VAE posterior sample and its noise come from a CPU generator seeded by the
+    pair's index. Pairs are center-cropped, not flipped, and keep their captions. The processes
+    share the pairs and sum their results.
+    """
+
+    METRICS = ("implicit_acc", "winner_minus_ref", "loser_minus_ref", "logit", "loss", "model_mse")
+
+    def __init__(self, step: Step, dataset, num_timesteps: int, seed: int):
+        self.step, self.dataset, self.seed = step, dataset, seed
+        lo, hi = step.t_lo, step.t_hi
+        self.timesteps = [lo + (2 * i + 1) * (hi - lo) // (2 * num_timesteps) for i in range(num_timesteps)]
+
+    @torch.no_grad()
+    def __call__(self) -> dict[str, float]:
+        from sdpo.data import collate_pairs
+
+        step, accelerator = self.step, self.step.accelerator
+        device, batch_size = accelerator.device, step.args.train_batch_size
+        mine = list(range(accelerator.process_index, len(self.dataset), accelerator.num_processes))
+        totals = torch.zeros(len(self.METRICS) + 1, dtype=torch.float64, device=device)
+        for start in range(0, len(mine), batch_size):
+            indices = mine[start : start + batch_size]
+            batch = collate_pairs([self.dataset[(0, i)] for i in indices])
+            pixels = batch["pixels"].to(device)
+            B, k = pixels.shape[:2]
+            posterior = step.latent_distribution(pixels)
+            draws = [torch.Generator().manual_seed(self.seed * 1_000_003 + i) for i in indices]
+            shape = posterior.mean.shape[1:]
+            # Per pair: its images' posterior noise, then one noise tensor per timestep.
+            posterior_noise = torch.stack([torch.randn((k, *shape), generator=g) for g in draws], dim=1)
+            latents = posterior.mean + posterior.std * posterior_noise.reshape(B * k, *shape).to(device,
+                                                                                                 posterior.mean.dtype)
+            latents = step.scale_latents(latents)
+            for t_value in self.timesteps:
+                noise = torch.stack([torch.randn(shape, generator=g) for g in draws]).to(device, latents.dtype)
+                noise = noise.repeat(k, 1, 1, 1)
+                t = torch.full((B * k,), t_value, device=device, dtype=torch.long)
+                model_pred, ref_pred, target = step.predict(latents, noise, t, batch["captions"], batch["time_ids"],
+                                                            with_grad=False)
+                loss, stats = step.losses(model_pred, ref_pred, target, t, "none", safeguard=False)
+                if ref_pred is not None:
+                    from sdpo.losses import per_sample_mse, preference_logit
+
+                    upcast = not step.reference_numerics
+                    l_w, l_l = per_sample_mse(model_pred, target, upcast).chunk(2)
+                    r_w, r_l = per_sample_mse(ref_pred, target, upcast).chunk(2)
+                    stats["logit"] = preference_logit(l_w, l_l, r_w, r_l, step.args.beta_dpo).mean()
+                stats["loss"] = loss
+                values = [stats[m].double() * B if m in stats else torch.zeros((), device=device, dtype=torch.float64)
+                          for m in self.METRICS]
+                totals += torch.stack([*values, torch.tensor(float(B), device=device, dtype=torch.float64)])
+        totals = accelerator.reduce(totals, reduction="sum").tolist()
+        count = totals[-1]
+        has_reference = step.ref_unet is not None
+        return {f"val_{m}": value / count for m, value in zip(self.METRICS, totals[:-1])
+                if has_reference or m in ("loss", "model_mse")}
+
 
 # ---- outputs ---------------------------------------------------------------------------------
 
 
-def run_config(args, accelerator, weight_dtype, timesteps: tuple[int, int], resume_path: str | None) -> dict:
+def run_config(args, num_processes: int, mixed_precision: str, timesteps: tuple[int, int],
+               resume_path: str | None) -> dict:
     """Every setting after defaults and validation, plus what the run derives from them."""
     import accelerate
     import diffusers
     import transformers
 
-    world, accum = accelerator.num_processes, args.gradient_accumulation_steps
-    settings = {k: v for k, v in sorted(vars(args).items()) if k not in ("local_rank", "image_column")}
+    world, accum = num_processes, args.gradient_accumulation_steps
+    settings = {k: v for k, v in sorted(vars(args).items())
+                if k not in ("local_rank", "image_column", "dry_run", "check_only")}
     derived = {
         "num_processes": world,
         "pairs_per_step": args.train_batch_size * accum * world,
         "effective_lr": args.learning_rate * (args.train_batch_size * accum * world if args.scale_lr else 1),
         "optimizer": "Adafactor" if args.use_adafactor else "AdamW",
         "gradient_clipping": f"clip at {float(args.max_grad_norm)}" if args.max_grad_norm > 0 else "off",
-        "mixed_precision_used": accelerator.mixed_precision,
-        "weight_dtype": str(weight_dtype).removeprefix("torch."),
+        "mixed_precision_used": mixed_precision,
+        "weight_dtype": str(WEIGHT_DTYPES.get(mixed_precision, torch.float32)).removeprefix("torch."),
         "loss_precision": args.loss_precision,
         "process_seeds": "seed + process index (as the reference)",
         "seed_of_process_0": args.seed,
@@ -329,6 +472,37 @@ def run_config(args, accelerator, weight_dtype, timesteps: tuple[int, int], resu
                      "transformers": transformers.__version__, "accelerate": accelerate.__version__},
     }
     return {**settings, "derived": derived}
+
+
+# Settings that a run may change when it resumes: where things go, how often it saves, logs or
+# validates, how long it runs, and speed knobs with the same arithmetic. Every other setting
+# changes the result, and a checkpoint written with another value of it is refused.
+RESUMABLE_CHANGES = {
+    "output_dir", "logging_dir", "report_to", "tracker_project_name", "checkpointing_steps",
+    "checkpoints_total_limit", "resume_from_checkpoint", "cache_dir", "dataloader_num_workers",
+    "max_train_steps", "num_train_epochs", "gradient_checkpointing", "max_skipped_steps", "validation_steps",
+    "validation_prompts", "num_validation_images", "validation_sampling_steps", "derived",
+}
+
+
+def result_settings(config: dict) -> dict:
+    """The settings that change a run's result (see RESUMABLE_CHANGES), JSON-normalised."""
+    kept = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+    kept["num_processes"] = config["derived"]["num_processes"]
+    return json.loads(json.dumps(kept))
+
+
+def check_same_settings(resume_path: str, recorded: dict | None, now: dict) -> None:
+    """Refuse to resume a checkpoint whose run had other result-changing settings."""
+    if recorded is None:  # written before checkpoints recorded their settings
+        logger.warning("%s records no settings: cannot check that it matches this run", resume_path)
+        return
+    differ = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
+    if differ:
+        shown = "; ".join(f"--{k} {recorded.get(k)!r} there, {now.get(k)!r} now" for k in differ[:4])
+        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+        raise InputError(f"--resume_from_checkpoint: {resume_path} was written with other settings: {shown}{more}. "
+                         f"Resume with the same settings, or start afresh with another --output_dir")
 
 
 def write_model_card(config: dict, step: int, num_pairs, path: str) -> None:
@@ -368,35 +542,27 @@ def write_model_card(config: dict, step: int, num_pairs, path: str) -> None:
 
 # ---- the recipe ------------------------------------------------------------------------------
 
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
-def train(args):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+
+@dataclass
+class Inputs:
+    """Everything a run derives from its settings before any model loads."""
+
+    config: dict
+    noise_scheduler: object
+    timesteps: tuple[int, int]
+    dataloader: object
+    num_pairs: int | None
+    validation_pairs: object
+    start_step: int
+    resume_path: str | None
+
+
+def check_inputs(args, num_processes: int, rank: int, mixed_precision: str) -> Inputs:
+    """The checks that need no model: the seed, the checkpoint to resume and its settings, the
+    noise schedule and timestep range, and the dataset (its columns, its size)."""
     from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
-
-    from eval.files import write_json_atomic
-
-    validate(args)
-    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        logger.warning("no GPU: --mixed_precision fp16 falls back to 'no'")
-        args.mixed_precision = "no"
-    report_to = None if args.report_to == "none" else args.report_to
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, log_with=report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
-    for noisy_logger in ("diffusers", "transformers", "datasets", "httpx"):
-        logging.getLogger(noisy_logger).setLevel(logging.WARNING)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    accum, world = args.gradient_accumulation_steps, accelerator.num_processes
 
     resume_path = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     resume_state = None
@@ -406,9 +572,6 @@ def train(args):
         args.seed = resume_state["seed"] if args.seed is None else args.seed
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)  # the reference's default is unseeded
-    set_seed(args.seed + accelerator.process_index)  # as the reference: each process its own stream
-
-    # The settings and the data are checked before any model loads.
     noise_scheduler = models.load_scheduler(DDPMScheduler, args.pretrained_model_name_or_path,
                                             revision=args.revision, cache_dir=args.cache_dir)
     try:
@@ -417,19 +580,46 @@ def train(args):
     except ValueError as err:
         raise InputError(f"--timestep_range: {err}") from None
     start_step = resume_state["global_step"] if resume_state else 0
-    dataloader, num_pairs = build_dataloader(args, rank=accelerator.process_index, world_size=world,
-                                             start_micro_batch=start_step * accum)
+    dataloader, num_pairs, validation_pairs = build_dataloader(
+        args, rank=rank, world_size=num_processes, start_micro_batch=start_step * args.gradient_accumulation_steps)
     if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * math.ceil(len(dataloader) / accum)
-    config = run_config(args, accelerator, weight_dtype, timesteps, resume_path)
-    if accelerator.is_main_process:
-        write_json_atomic(config, os.path.join(args.output_dir, CONFIG_FILE))
-    if args.dry_run:
-        logger.info("dry run: the settings and the data check out; wrote %s",
-                    os.path.join(args.output_dir, CONFIG_FILE))
-        accelerator.end_training()
-        return {}
+        args.max_train_steps = args.num_train_epochs * math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    config = run_config(args, num_processes, mixed_precision, timesteps, resume_path)
+    if resume_path:
+        check_same_settings(resume_path, resume_state.get("settings"), result_settings(config))
+    return Inputs(config, noise_scheduler, timesteps, dataloader, num_pairs, validation_pairs, start_step, resume_path)
 
+
+def mixed_precision_for(args) -> str:
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        logger.warning("no GPU: --mixed_precision fp16 falls back to 'no'")
+        return "no"
+    return args.mixed_precision
+
+
+@dataclass
+class Run:
+    """A run ready to train: its inputs, the accelerator, the models, the optimizer and the step."""
+
+    args: argparse.Namespace
+    inputs: Inputs
+    accelerator: object
+    weight_dtype: torch.dtype
+    unet: object
+    ref_unet: object
+    vae: object
+    prompt_encoder: PromptEncoder
+    optimizer: object
+    lr_scheduler: object
+    step: Step
+    validation: Validation | None
+
+
+def setup(args, accelerator, inputs: Inputs) -> Run:
+    """Load the models, build the optimizer and the lr schedule, restore a checkpoint."""
+    from diffusers.optimization import get_scheduler
+
+    weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
     # Models: the policy trains in fp32 under autocast; everything frozen runs in the weight dtype.
     tokenizers, text_encoders, vae, unet, ref_unet = load_models(args)
     for frozen in [*text_encoders, vae, ref_unet]:
@@ -444,19 +634,15 @@ def train(args):
         unet.enable_gradient_checkpointing()
     prompt_encoder = PromptEncoder(tokenizers, text_encoders, args.resolution)
 
-    optimizer = build_optimizer(args, unet.parameters(), config["derived"]["effective_lr"])
+    optimizer = build_optimizer(args, unet.parameters(), inputs.config["derived"]["effective_lr"])
     unet, optimizer = accelerator.prepare(unet, optimizer)
     # The reference steps its prepared scheduler once per optimizer step per process, with warmup
     # and length multiplied by the process count: the warmup counts optimizer steps. So do we.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps)
-    if resume_path:
-        checkpoints.load_checkpoint(resume_path, accelerator, unet, optimizer, lr_scheduler)
-        logger.info("resumed from %s at step %d", resume_path, start_step)
-
-    if accelerator.is_main_process and report_to:
-        flat = {k: v for k, v in {**config, **config["derived"]}.items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(args.tracker_project_name, flat)
+    if inputs.resume_path:
+        checkpoints.load_checkpoint(inputs.resume_path, accelerator, unet, optimizer, lr_scheduler)
+        logger.info("resumed from %s at step %d", inputs.resume_path, inputs.start_step)
     chooser = None
     if args.choice_model:
         from eval.score import parse_sources
@@ -464,81 +650,298 @@ def train(args):
 
         sources = parse_sources(args.choice_model_source).get(args.choice_model, {})
         chooser = build_scorer(args.choice_model, device=str(accelerator.device), **sources)
-    step_fn = Step(args, accelerator, unet, ref_unet, vae, prompt_encoder, noise_scheduler, weight_dtype, timesteps,
-                   chooser)
+    step = Step(args, accelerator, unet, ref_unet, vae, prompt_encoder, inputs.noise_scheduler, weight_dtype,
+                inputs.timesteps, chooser)
+    validation = None
+    if inputs.validation_pairs is not None:
+        validation = Validation(step, inputs.validation_pairs, args.validation_timesteps, args.seed)
+    return Run(args, inputs, accelerator, weight_dtype, unet, ref_unet, vae, prompt_encoder, optimizer,
+               lr_scheduler, step, validation)
+
+
+class MetricsFile:
+    """metrics.jsonl: one JSON object per line, appended on the main process. On resume, the lines
+    after the resume point are dropped, and so is a line cut short by a kill or a full disk."""
+
+    def __init__(self, path: str, keep_up_to: int, main: bool):
+        self.path, self.main = path, main
+        if not main or not os.path.exists(path):
+            return
+        kept, torn = [], 0
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    torn += 1
+                    continue
+                if isinstance(entry, dict) and entry.get("step", math.inf) <= keep_up_to:
+                    kept.append(json.dumps(entry) + "\n")
+        if torn:
+            logger.warning("%s: dropped %d unreadable line(s), as a killed run leaves them", path, torn)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+    def append(self, step: int, values: dict) -> None:
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def validate_now(run: Run, step: int, metrics: MetricsFile) -> None:
+    """Held-out metrics and validation images at `step`, logged to the trackers and metrics.jsonl.
+    It runs on a copy of the random state, so a run draws the same noise with or without it."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        _validate(run, step, metrics)
+
+
+def _validate(run: Run, step: int, metrics: MetricsFile) -> None:
+    args, accelerator = run.args, run.accelerator
+    if run.validation is not None:
+        values = run.validation()
+        accelerator.log(values, step=step)
+        metrics.append(step, values)
+        logger.info("validation at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    if args.validation_prompts and args.num_validation_images:
+        save_validation_images(run, step)
+
+
+def save_validation_images(run: Run, step: int) -> None:
+    """Sample the validation prompts with the policy and save them as PNG and to the trackers."""
+    from diffusers import EulerDiscreteScheduler
+
+    from sdpo.sampling import sample
+
+    args, accelerator = run.args, run.accelerator
+    if not accelerator.is_main_process:
+        return
+    unet = accelerator.unwrap_model(run.unet)
+    scheduler = EulerDiscreteScheduler.from_config(run.inputs.noise_scheduler.config)
+    folder = os.path.join(args.output_dir, "validation", f"step-{step}")
+    os.makedirs(folder, exist_ok=True)
+    images = []
+    unet.eval()
+    with accelerator.autocast():
+        for p, prompt in enumerate(args.validation_prompts):
+            for i in range(args.num_validation_images):
+                image = sample(unet, run.vae, run.prompt_encoder, scheduler, [prompt], args.resolution,
+                               args.resolution, args.validation_sampling_steps, 7.5, args.seed + i, torch.float32)[0]
+                image.save(os.path.join(folder, f"{p}-{i}.png"))
+                images.append(image)
+    unet.train()
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.log_images({"validation": np.stack([np.asarray(im) for im in images])}, step,
+                               dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({"validation": images}, step)
+
+
+def fit(run: Run) -> dict:
+    """The training loop: accumulate, skip non-finite steps, clip, step, log, validate, checkpoint."""
+    from tqdm.auto import tqdm
+
+    args, accelerator, inputs = run.args, run.accelerator, run.inputs
+    unet, optimizer, lr_scheduler = run.unet, run.optimizer, run.lr_scheduler
+    accum, start_step = args.gradient_accumulation_steps, inputs.start_step
+    derived = inputs.config["derived"]
     logger.info("%s on %s: %d pairs per step (%d per process x %d accumulation x %d processes), %d steps, lr %g, "
                 "gradient clipping: %s, loss precision: %s", args.train_method, "SDXL" if args.sdxl else "SD1.x",
-                config["derived"]["pairs_per_step"], args.train_batch_size, accum, world, args.max_train_steps,
-                config["derived"]["effective_lr"], config["derived"]["gradient_clipping"], args.loss_precision)
+                derived["pairs_per_step"], args.train_batch_size, accum, derived["num_processes"],
+                args.max_train_steps, derived["effective_lr"], derived["gradient_clipping"], args.loss_precision)
 
-    batches = iter(dataloader)
+    metrics = MetricsFile(os.path.join(args.output_dir, "metrics.jsonl"), start_step, accelerator.is_main_process)
+    if start_step == 0:
+        validate_now(run, 0, metrics)
+    batches = iter(inputs.dataloader)
     progress = tqdm(range(start_step, args.max_train_steps), initial=start_step, total=args.max_train_steps,
                     disable=not accelerator.is_local_main_process, desc="steps")
-    logs = {}
-    metrics_file = os.path.join(args.output_dir, "metrics.jsonl")
-    if accelerator.is_main_process:
-        if os.path.exists(metrics_file):  # keep the steps before the resume point, drop any after it
-            kept = [line for line in open(metrics_file) if json.loads(line)["step"] <= start_step]
-            with open(metrics_file, "w") as f:
-                f.writelines(kept)
-    run_state = {"seed": args.seed, "train_method": args.train_method, "sdxl": args.sdxl}
+    run_state = {"seed": args.seed, "train_method": args.train_method, "sdxl": args.sdxl,
+                 "settings": result_settings(inputs.config)}
     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf  # inf: measure the norm, clip nothing
-    for step in range(start_step, args.max_train_steps):
-        started = time.perf_counter()
-        step_stats = []
-        for micro in range(accum):
-            batch = next(batches)
-            # Gradients are all-reduced only on the last micro-batch of a step.
-            sync = accelerator.no_sync(unet) if micro < accum - 1 else contextlib.nullcontext()
-            with sync:
-                loss, stats = step_fn(batch)
-                accelerator.backward(loss / accum)
-            step_stats.append({"loss": loss.detach(), **stats})
-        grad_norm = accelerator.clip_grad_norm_(unet.parameters(), max_norm)  # the norm before clipping
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    scaler = getattr(accelerator, "scaler", None)
+    logs, skipped_in_a_row, skipped_total = {}, 0, 0
+    try:
+        for step in range(start_step, args.max_train_steps):
+            started = time.perf_counter()
+            step_stats = []
+            for micro in range(accum):
+                batch = next_batch(batches)
+                # Gradients are all-reduced only on the last micro-batch of a step.
+                sync = accelerator.no_sync(unet) if micro < accum - 1 else contextlib.nullcontext()
+                with sync:
+                    loss, stats = run.step(batch)
+                    accelerator.backward(loss / accum)
+                step_stats.append({"loss": loss.detach(), **stats})
+            grad_norm = accelerator.clip_grad_norm_(unet.parameters(), max_norm)  # the norm before clipping
 
-        # One device sync per step: average over micro-batches, then over processes.
-        keys = list(step_stats[0].keys())
-        means = [torch.stack([s[k].float() for s in step_stats]).mean() for k in keys]
-        if grad_norm is not None:
-            keys.append("grad_norm")
-            means.append(grad_norm.float().reshape(()))
-        means = accelerator.reduce(torch.stack(means), reduction="mean").tolist()
-        logs = dict(zip(keys, means), lr=lr_scheduler.get_last_lr()[0],
-                    step_seconds=time.perf_counter() - started)
-        accelerator.log(logs, step=step + 1)
-        if accelerator.is_main_process:  # the same numbers as JSON lines, for scripts and plots
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps({"step": step + 1, **logs}) + "\n")
-        progress.update(1)
-        progress.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "implicit_acc", "lr") if k in logs})
+            # The step's one host sync: the micro-batch means, averaged over processes, with the
+            # gradient norm. Every process sees the same numbers, so all skip a non-finite step alike.
+            keys = list(step_stats[0].keys())
+            means = [torch.stack([s[k].float() for s in step_stats]).mean() for k in keys]
+            if grad_norm is not None:
+                keys.append("grad_norm")
+                means.append(grad_norm.float().reshape(()))
+            values = dict(zip(keys, accelerator.reduce(torch.stack(means), reduction="mean").tolist()))
+            finite = math.isfinite(values["loss"]) and math.isfinite(values.get("grad_norm", 0.0))
+            if finite:
+                optimizer.step()
+                lr_scheduler.step()
+                skipped_in_a_row = 0
+            else:
+                if scaler is not None and not math.isfinite(values.get("grad_norm", 0.0)):
+                    optimizer.step()  # fp16: the gradient scaler skips the update and lowers its scale
+                skipped_in_a_row += 1
+                skipped_total += 1
+                logger.warning("step %d skipped: loss %s, gradient norm %s (%d in a row, %d in all)", step + 1,
+                               values["loss"], values.get("grad_norm"), skipped_in_a_row, skipped_total)
+            optimizer.zero_grad(set_to_none=True)
+            if skipped_in_a_row >= args.max_skipped_steps:
+                raise RunStopped(f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient (the last at step "
+                                 f"{step + 1}); the run stops (--max_skipped_steps {args.max_skipped_steps}). Lower the "
+                                 f"learning rate or use bf16; the last checkpoint was written before the trouble")
 
-        if args.checkpointing_steps and (step + 1) % args.checkpointing_steps == 0:
-            path = checkpoints.save_checkpoint(accelerator, args.output_dir, step + 1, unet, optimizer, lr_scheduler,
-                                               run_state, args.checkpoints_total_limit)
-            logger.info("saved %s", path)
+            logs = dict(values, skipped_steps=float(skipped_total), lr=lr_scheduler.get_last_lr()[0],
+                        step_seconds=time.perf_counter() - started)
+            accelerator.log(logs, step=step + 1)
+            metrics.append(step + 1, logs)  # the same numbers as JSON lines, for scripts and plots
+            progress.update(1)
+            progress.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "implicit_acc", "lr") if k in logs})
 
+            last = step + 1 == args.max_train_steps
+            if (args.validation_steps and (step + 1) % args.validation_steps == 0) or last:
+                validate_now(run, step + 1, metrics)
+            if args.checkpointing_steps and (step + 1) % args.checkpointing_steps == 0:
+                check_finite_weights(run, step + 1)
+                path = checkpoints.save_checkpoint(accelerator, args.output_dir, step + 1, unet, optimizer, lr_scheduler,
+                                                   run_state, args.checkpoints_total_limit)
+                logger.info("saved %s", path)
+    finally:
+        progress.close()  # so that a message that stops the run starts on a line of its own
+    return logs
+
+
+def check_finite_weights(run: Run, step: int) -> None:
+    """A checkpoint or a final model is never written from non-finite weights."""
+    if not checkpoints.weights_are_finite(run.accelerator.unwrap_model(run.unet)):
+        raise RunStopped(f"the weights are not finite after step {step}: nothing was saved (the last checkpoint "
+                         f"holds finite weights); lower the learning rate")
+
+
+def save_final(run: Run) -> None:
+    """The trained UNet (safetensors) and its model card, replacing an earlier final save atomically."""
+    args, accelerator = run.args, run.accelerator
+    check_finite_weights(run, args.max_train_steps)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(unet)
         tmp = os.path.join(args.output_dir, "unet.tmp")
-        model.save_pretrained(tmp)  # safetensors
+        accelerator.unwrap_model(run.unet).save_pretrained(tmp)  # safetensors
         final = os.path.join(args.output_dir, "unet")
         if os.path.exists(final):
-            import shutil
-
-            shutil.rmtree(final)
+            checkpoints.remove_tree(final)
         os.replace(tmp, final)
-        write_model_card(config, args.max_train_steps, num_pairs, os.path.join(args.output_dir, "README.md"))
+        write_model_card(run.inputs.config, args.max_train_steps, run.inputs.num_pairs,
+                         os.path.join(args.output_dir, "README.md"))
         logger.info("saved the trained UNet to %s", final)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record):
+        return self.text not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    """Library loggers at WARNING, without a warning that every cast of a frozen model prints
+    (diffusers' "modules ... should be kept in float32: []", about an empty list)."""
+    for name in ("diffusers", "transformers", "datasets", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropMessage("should be kept in float32: []"))
+
+
+def make_accelerator(args, mixed_precision: str):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    return Accelerator(
+        mixed_precision=mixed_precision, log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+
+
+def train(args):
+    from accelerate.utils import set_seed
+
+    from eval.files import write_json_atomic
+
+    validate(args)
+    mixed_precision = mixed_precision_for(args)
+    if args.check_only:
+        check_inputs(args, int(os.environ.get("WORLD_SIZE", "1")), 0, mixed_precision)
+        print(f"checked: the settings, paths and data of {args.output_dir} are usable")
+        return {}
+    accelerator = make_accelerator(args, mixed_precision)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    quiet_libraries()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if accelerator.is_main_process:
+        for name in checkpoints.clean_output_dir(args.output_dir):
+            logger.warning("removed %s, left by a killed run", os.path.join(args.output_dir, name))
+    accelerator.wait_for_everyone()
+
+    # The settings and the data are checked before any model loads.
+    inputs = check_inputs(args, accelerator.num_processes, accelerator.process_index, accelerator.mixed_precision)
+    if accelerator.is_main_process:
+        write_json_atomic(inputs.config, os.path.join(args.output_dir, CONFIG_FILE))
+    if args.dry_run:
+        logger.info("dry run: the settings and the data check out; wrote %s", os.path.join(args.output_dir, CONFIG_FILE))
+        accelerator.end_training()
+        return {}
+    set_seed(args.seed + accelerator.process_index)  # as the reference: each process its own stream
+    run = setup(args, accelerator, inputs)
+    if accelerator.is_main_process and accelerator.log_with:
+        flat = {k: v for k, v in {**inputs.config, **inputs.config["derived"]}.items()
+                if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(args.tracker_project_name, flat)
+    logs = fit(run)
+    save_final(run)
     accelerator.end_training()
     return logs
 
 
+def stop_with_parent() -> None:
+    """Under a launcher (accelerate launch, torchrun), end with it: if the launcher process is
+    killed, Linux sends this process SIGTERM instead of leaving it running as an orphan."""
+    import ctypes
+    import signal
+
+    launched = "LOCAL_RANK" in os.environ or any(k.startswith("ACCELERATE_") for k in os.environ)
+    if not launched or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() == 1:  # the launcher died before the call
+        sys.exit("error: the launcher is gone")
+
+
 @reports_input_errors
 def main(argv=None):
+    if argv is None:
+        stop_with_parent()
     return train(parse_args(argv))
 
 

@@ -9,7 +9,10 @@
 
 A checkpoint is written into `checkpoint-N.tmp/` and renamed into place only when complete, so a
 process killed mid-write leaves a `.tmp` folder that `latest` never picks up (and the next save
-of that step replaces).
+of that step replaces). A checkpoint is deleted (pruned, or replaced by a new save of the same
+step) by first renaming it to `checkpoint-N.deleting/`, so a kill in the middle of a deletion
+never leaves a half-deleted folder under a checkpoint's name. `clean_output_dir` removes what
+killed runs left behind.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from sdpo.errors import InputError
 from sdpo.models import check_same_shapes
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+LEFTOVER_RE = re.compile(r"^(checkpoint-\d+|unet)\.(tmp|deleting)$")
 STATE_FILE = "trainer_state.json"
+REQUIRED_FILES = (STATE_FILE, "optimizer.pt", "lr_scheduler.pt", "rng-0.safetensors", os.path.join("unet", "config.json"))
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -42,18 +47,50 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def missing_files(path: str) -> list[str]:
+    """What a checkpoint folder lacks of the files a resume reads."""
+    return [name for name in REQUIRED_FILES if not os.path.isfile(os.path.join(path, name))]
+
+
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     """The checkpoint folder to resume from: `latest` (None if there is none yet) or a path."""
     if not resume:
         return None
     if resume == "latest":
         found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
-    path = resume if os.path.isdir(resume) else os.path.join(output_dir, resume)
-    if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise InputError(f"--resume_from_checkpoint {resume!r}: no complete checkpoint there "
-                         f"(a checkpoint folder holds {STATE_FILE})")
+        if not found:
+            return None
+        path = found[-1][1]
+    else:
+        path = resume if os.path.isdir(resume) else os.path.join(output_dir, resume)
+    missing = missing_files(path)
+    if missing:
+        raise InputError(f"--resume_from_checkpoint {resume!r}: {path} is not a complete checkpoint "
+                         f"(missing {', '.join(missing)})")
     return path
+
+
+def remove_tree(path: str) -> None:
+    """Delete a folder so that a kill half-way leaves nothing under its name: rename, then delete."""
+    doomed = path + ".deleting"
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def clean_output_dir(output_dir: str) -> list[str]:
+    """Remove the half-written and half-deleted folders that killed runs leave; return their names."""
+    if not os.path.isdir(output_dir):
+        return []
+    removed = sorted(name for name in os.listdir(output_dir) if LEFTOVER_RE.match(name))
+    for name in removed:
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    return removed
+
+
+def weights_are_finite(model) -> bool:
+    """Whether every parameter of a model is finite (one host sync)."""
+    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -97,22 +134,22 @@ def save_checkpoint(accelerator, output_dir, step, unet, optimizer, lr_scheduler
             json.dump({"global_step": step, **state}, f, indent=2)
         _fsync_tree(tmp)
         if os.path.exists(final):
-            shutil.rmtree(final)
+            remove_tree(final)
         os.replace(tmp, final)
         if total_limit:
             for _, old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
+                remove_tree(old)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler) -> dict:
-    """Restore the policy weights, optimizer, lr schedule and this process's RNG; return the state."""
+def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler) -> None:
+    """Restore the policy weights, optimizer, lr schedule and this process's RNG."""
     from diffusers import UNet2DConditionModel
 
-    with open(os.path.join(path, STATE_FILE)) as f:
-        state = json.load(f)
-    saved = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    from sdpo.models import pretrained
+
+    saved = pretrained(UNet2DConditionModel, path, "--resume_from_checkpoint", "unet")
     model = accelerator.unwrap_model(unet)
     check_same_shapes(saved, model, f"checkpoint {path}", "the model being trained")
     model.load_state_dict(saved.state_dict())
@@ -123,4 +160,3 @@ def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler) -> dict:
     if not os.path.isfile(rng_file):
         raise InputError(f"{path} was written by fewer processes than this run has ({rng_file} is missing)")
     set_rng_state(load_file(rng_file))
-    return state

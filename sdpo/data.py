@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdpo.errors import InputError
+from sdpo.errors import InputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +62,31 @@ def load_split(name: str, split: str, streaming: bool = False, revision: str | N
         files = [name]
     else:
         files = None
+    if files is not None:
+        _check_parquet(files, name, split)
     try:
         if files is not None:
             return load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming,
                                 cache_dir=cache_dir)
         return load_dataset(name, config_name, split=split, streaming=streaming, revision=revision,
                             data_dir=data_dir, cache_dir=cache_dir)
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
-        raise InputError(f"could not load dataset {name!r} (split {split!r}): {err}") from err
+    except Exception as err:  # hub, file-system and format errors come in many types
+        cause = f" ({first_line(err.__cause__)})" if err.__cause__ else ""
+        raise InputError(f"could not load dataset {name!r} (split {split!r}): {first_line(err)}{cause}") from None
+
+
+def _check_parquet(files: list[str], name: str, split: str) -> None:
+    """Local parquet files must be readable and hold at least one row (read from their footers)."""
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for path in files:
+        try:
+            rows += pq.read_metadata(path).num_rows
+        except Exception as err:
+            raise InputError(f"dataset {name!r}: {path} is not a readable parquet file ({first_line(err)})") from None
+    if rows == 0:
+        raise InputError(f"dataset {name!r} (split {split!r}) is empty: {len(files)} parquet file(s), no rows")
 
 
 def check_columns(column_names, name: str, caption_column: str = "caption") -> None:
@@ -99,15 +116,30 @@ def decided_rows(labels) -> tuple[list[int], int]:
 # ---- one item --------------------------------------------------------------------------------
 
 
+class UnreadableImage(Exception):
+    """An image that cannot be used: missing, undecodable, truncated, or too large."""
+
+
 def decode_image(data) -> Image.Image:
-    """Encoded bytes (or a datasets Image dict, or a PIL image) to an RGB PIL image."""
-    if isinstance(data, dict):
-        data = data.get("bytes") or open(data["path"], "rb").read()
-    if isinstance(data, Image.Image):
-        return data.convert("RGB")
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert("RGB")
+    """Encoded bytes (or a datasets Image dict, or a PIL image) to an RGB PIL image.
+
+    Whatever goes wrong (no bytes, bytes PIL cannot decode, a truncated file, an image above PIL's
+    decompression-bomb limit of Image.MAX_IMAGE_PIXELS pixels) becomes an UnreadableImage, so a
+    bad row is skipped like any other unreadable one instead of stopping the run.
+    """
+    try:
+        if isinstance(data, dict):
+            data = data.get("bytes") or open(data["path"], "rb").read()
+        image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and image.size[0] * image.size[1] > limit:
+            raise UnreadableImage(f"too large: {image.size[0]}x{image.size[1]} pixels, above {limit}")
+        image.load()
+        return image.convert("RGB")
+    except UnreadableImage:
+        raise
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise UnreadableImage(f"{type(err).__name__}: {first_line(err)}") from None
 
 
 def transform_image(image: Image.Image, resolution: int, rng: random.Random, random_crop: bool, hflip: bool):
@@ -151,7 +183,7 @@ class PairTransform:
         images = [decode_image(row[c]) for c in columns]
         done = [transform_image(im, self.resolution, rng, self.random_crop, self.hflip) for im in images]
         caption = row[self.caption_column]
-        caption = caption if isinstance(caption, str) else str(caption)
+        caption = "" if caption is None else caption if isinstance(caption, str) else str(caption)
         # SDXL micro-conditioning of each image: (original_h, original_w, crop_top, crop_left, res, res).
         time_ids = torch.tensor([[*original, *crop, self.resolution, self.resolution] for _, original, crop in done],
                                 dtype=torch.float32)
@@ -162,6 +194,21 @@ class PairTransform:
         return item
 
 
+class NoUsablePairs(InputError):
+    """Every pair was skipped. Raised in a dataloader worker; `next_batch` reports it in one line."""
+
+
+def next_batch(batches):
+    """The next batch. A NoUsablePairs raised in a worker process reaches the main process with
+    the worker's traceback as its message; keep only the original one-line message."""
+    try:
+        return next(batches)
+    except NoUsablePairs as err:
+        lines = [line for line in str(err).strip().splitlines() if line.strip()]
+        message = lines[-1].split(": ", 1)[-1] if "Traceback" in str(err) else str(err)
+        raise InputError(message) from None
+
+
 class UnreadableCounter:
     """Warns once per unreadable pair with the row and a running count (per worker process)."""
 
@@ -170,7 +217,7 @@ class UnreadableCounter:
 
     def warn(self, row, err):
         self.count += 1
-        logger.warning("skipping pair at row %s: unreadable image (%s); %d unreadable so far", row, err, self.count)
+        logger.warning("skipping the pair at row %s: %s; %d skipped so far", row, err, self.count)
 
 
 # ---- map-style dataset and its deterministic batches ----------------------------------------
@@ -200,9 +247,9 @@ class PairDataset(torch.utils.data.Dataset):
             rng = random.Random(f"{self.seed}:{epoch}:{row}")
             try:
                 return self.transform(self.data[row], rng)
-            except (OSError, ValueError, SyntaxError) as err:  # what PIL raises on bad bytes
+            except UnreadableImage as err:
                 self.unreadable.warn(row, err)
-        raise InputError("no pair in the dataset has two readable images")
+        raise NoUsablePairs(f"none of the {len(self.rows)} pairs of the dataset has two readable images")
 
 
 class PairBatchSampler(torch.utils.data.Sampler):
@@ -246,9 +293,10 @@ class PairBatchSampler(torch.utils.data.Sampler):
 
 class StreamingPairs(torch.utils.data.IterableDataset):
     """Pairs streamed from a `datasets` IterableDataset, epoch after epoch (shuffle buffer
-    re-seeded each epoch). Ties and unreadable pairs are skipped as they go by. Resuming skips
-    the first `start_items` decided pairs without decoding their images; it is exact unless
-    pairs before the resume point were skipped as unreadable."""
+    re-seeded each epoch). Ties, rows with a label other than 0, 0.5 or 1, and unreadable pairs
+    are skipped as they go by (with a warning for the last two). Resuming skips the first
+    `start_items` decided pairs without decoding their images; it is exact unless pairs before
+    the resume point were skipped as unreadable. An epoch that yields no pair stops the run."""
 
     def __init__(self, hf_iterable, transform: PairTransform, seed: int, start_items: int = 0, buffer_size=1000):
         self.data = hf_iterable
@@ -257,24 +305,35 @@ class StreamingPairs(torch.utils.data.IterableDataset):
         self.start_items = start_items
         self.buffer_size = buffer_size
         self.unreadable = UnreadableCounter()
-        self.ties = 0
 
     def __iter__(self):
         seen = 0
         for epoch in itertools.count():
             stream = self.data.shuffle(seed=self.seed + epoch, buffer_size=self.buffer_size)
+            rows = ties = usable = 0
             for row_number, row in enumerate(stream):
-                if row["label_0"] == 0.5:
-                    self.ties += 1
+                rows += 1
+                label = row["label_0"]
+                if label == 0.5:
+                    ties += 1
+                    continue
+                if label not in (0, 1):
+                    self.unreadable.warn(f"{row_number} of epoch {epoch}", f"label_0 is {label!r}, not 0, 0.5 or 1")
                     continue
                 seen += 1
                 if seen <= self.start_items:
+                    usable += 1
                     continue
                 rng = random.Random(f"{self.seed}:{epoch}:{row_number}")
                 try:
-                    yield self.transform(row, rng)
-                except (OSError, ValueError, SyntaxError) as err:
+                    item = self.transform(row, rng)
+                except UnreadableImage as err:
                     self.unreadable.warn(f"{row_number} of epoch {epoch}", err)
+                    continue
+                usable += 1
+                yield item
+            if usable == 0:
+                raise NoUsablePairs(f"the stream has no usable pair: {rows} rows, {ties} ties, the rest unreadable")
 
 
 def collate_pairs(items: list[dict]) -> dict:
@@ -301,10 +360,49 @@ def first_samples(rows: list[int], count: int, seed: int) -> list[int]:
     return [rows[i] for i in order[:count].tolist()]
 
 
-def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int):
-    """The training dataloader for this process, positioned at micro-batch `start_micro_batch`.
+VALIDATION_SEED = 0  # held-out pairs do not depend on --seed, so runs with different seeds share them
 
-    Returns (dataloader, number of usable pairs or None when streaming).
+
+def hold_out(rows: list[int], count: int) -> tuple[list[int], list[int]]:
+    """(training rows, validation rows): `count` rows picked by a fixed permutation, the rest kept
+    in their order. The pick depends only on the rows, never on the run's seed."""
+    if count >= len(rows):
+        raise InputError(f"--validation_pairs {count}: the dataset has only {len(rows)} usable pairs; "
+                         f"hold out fewer so that some are left to train on")
+    order = np.random.default_rng(VALIDATION_SEED).permutation(len(rows))
+    held = set(order[:count].tolist())
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def load_pairs(args, split: str, streaming: bool = False):
+    """A split with its columns checked (the stream's from its first row)."""
+    data = load_split(args.dataset_name, split, streaming=streaming, revision=args.dataset_revision,
+                      config_name=args.dataset_config_name, data_dir=args.train_data_dir, cache_dir=args.cache_dir)
+    column_names = data.column_names
+    if column_names is None:  # a stream whose features are unknown: look at its first row
+        first = next(iter(data), None)
+        if first is None:
+            raise InputError(f"dataset {args.dataset_name!r} (split {split!r}) is empty")
+        column_names = list(first.keys())
+    check_columns(column_names, args.dataset_name, args.caption_column)
+    if not streaming and len(data) == 0:
+        raise InputError(f"dataset {args.dataset_name!r} (split {split!r}) is empty")
+    return data
+
+
+def validation_transform(args) -> PairTransform:
+    """Held-out pairs are seen the same way every time: center crop, no flip, their captions."""
+    return PairTransform(args.resolution, random_crop=False, hflip=False, proportion_empty_prompts=0.0,
+                         winners_only=args.train_method == "sft", caption_column=args.caption_column)
+
+
+def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int):
+    """The training dataloader for this process, positioned at micro-batch `start_micro_batch`,
+    and the held-out validation pairs.
+
+    Returns (dataloader, number of training pairs or None when streaming, validation PairDataset
+    or None). --validation_pairs N holds N pairs out of the training split, or, with
+    --validation_split, takes the first N usable pairs of that split.
     """
     transform = PairTransform(
         args.resolution,
@@ -315,15 +413,17 @@ def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int
         keep_raw=bool(args.choice_model),
         caption_column=args.caption_column,
     )
-    data = load_split(args.dataset_name, args.split, streaming=args.streaming, revision=args.dataset_revision,
-                      config_name=args.dataset_config_name, data_dir=args.train_data_dir, cache_dir=args.cache_dir)
-    column_names = data.column_names
-    if column_names is None:  # a stream whose features are unknown: look at its first row
-        column_names = list(next(iter(data)).keys())
-    check_columns(column_names, args.dataset_name, args.caption_column)
+    data = load_pairs(args, args.split, args.streaming)
     # A generator of its own keeps the loader from drawing on the global RNG (exact resume).
     common = dict(collate_fn=collate_pairs, num_workers=args.dataloader_num_workers,
                   generator=torch.Generator().manual_seed(args.seed), pin_memory=torch.cuda.is_available())
+    validation = None
+    if args.validation_pairs and args.validation_split:
+        held_data = load_pairs(args, args.validation_split)
+        held_rows, _ = decided_rows(held_data["label_0"])
+        if not held_rows:
+            raise InputError(f"--validation_split {args.validation_split}: no usable pair (all ties)")
+        validation = PairDataset(held_data, held_rows[: args.validation_pairs], validation_transform(args), args.seed)
 
     if args.streaming:
         from datasets.distributed import split_dataset_by_node
@@ -333,11 +433,16 @@ def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int
             data = data.take(args.max_train_samples)
         dataset = StreamingPairs(data, transform, args.seed, start_items=start_micro_batch * args.train_batch_size)
         logger.info("streaming %s: ties are dropped as they go by", args.dataset_name)
-        return torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, **common), None
+        return torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, **common), None, validation
 
     rows, ties = decided_rows(data["label_0"])
+    if not rows:
+        raise InputError(f"dataset {args.dataset_name!r} has no usable pair: its {len(data)} rows are all ties")
     logger.info("%s[%s]: %d rows, dropped %d ties, %d pairs left", args.dataset_name, args.split,
                 len(data), ties, len(rows))
+    if args.validation_pairs and not args.validation_split:
+        rows, held_rows = hold_out(rows, args.validation_pairs)
+        validation = PairDataset(data, held_rows, validation_transform(args), args.seed)
     if args.max_train_samples is not None and args.max_train_samples < len(rows):
         rows = first_samples(rows, args.max_train_samples, args.seed)
     dataset = PairDataset(data, rows, transform, args.seed)
@@ -345,4 +450,4 @@ def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int
         len(dataset), args.train_batch_size, args.seed, rank, world_size,
         shuffle=args.split == "train", start=start_micro_batch,
     )
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **common), len(dataset)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **common), len(dataset), validation

@@ -1,5 +1,6 @@
 """The exceptions that end a program with a one-line message, and how entry points report them."""
 
+import argparse
 import functools
 import sys
 
@@ -37,3 +38,12 @@ def reports_input_errors(main):
             sys.exit(1)
 
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`error: ...`, exit status 2) instead of the usage and
+    then the error."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)

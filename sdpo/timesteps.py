@@ -24,13 +24,15 @@ DEFAULT_RANGE = (100, 1000)  # the timestep range of clip-mask and importance un
 
 
 def timestep_range(mode: str, requested: tuple[int, int] | None, num_train_timesteps: int) -> tuple[int, int]:
-    """[lo, hi) to draw timesteps from: the request, else DEFAULT_RANGE for the weighting modes."""
+    """[lo, hi) to draw timesteps from: the request, else DEFAULT_RANGE for the weighting modes
+    (cut to the scheduler's length). A request must lie within [0, num_train_timesteps]."""
     if requested is None:
-        requested = (0, num_train_timesteps) if mode == "none" else DEFAULT_RANGE
-    lo, hi = int(requested[0]), min(int(requested[1]), num_train_timesteps)
-    if not 0 <= lo < hi:
-        raise ValueError(f"timestep range [{requested[0]}, {requested[1]}) is empty or negative "
-                         f"(the scheduler has {num_train_timesteps} timesteps)")
+        lo, hi = (0, num_train_timesteps) if mode == "none" else DEFAULT_RANGE
+        return lo, min(hi, num_train_timesteps)
+    lo, hi = int(requested[0]), int(requested[1])
+    if not 0 <= lo < hi <= num_train_timesteps:
+        raise ValueError(f"[{lo}, {hi}) must satisfy 0 <= MIN < MAX <= {num_train_timesteps} "
+                         f"(the scheduler's number of training timesteps)")
     return lo, hi
 
 

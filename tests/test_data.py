@@ -61,7 +61,7 @@ def test_unreadable_pair_is_skipped_with_a_warning(tmp_path, caplog):
         item = ds[(0, 1)]
     value = round((float(item["pixels"][0].mean()) + 1) * 127.5)
     assert value == 30  # the next readable pair took its place
-    assert "row 1" in caplog.text and "1 unreadable so far" in caplog.text
+    assert "row 1" in caplog.text and "1 skipped so far" in caplog.text
 
 
 def test_missing_split_names_the_pattern(tmp_path):

@@ -97,5 +97,7 @@ def test_timestep_ranges():
     assert timestep_range("none", None, 1000) == (0, 1000)
     assert timestep_range("clip-mask", None, 1000) == (100, 1000)
     assert timestep_range("importance", (200, 600), 1000) == (200, 600)
-    with pytest.raises(ValueError):
-        timestep_range("importance", (600, 200), 1000)
+    assert timestep_range("clip-mask", None, 500) == (100, 500)  # the default is cut to a shorter schedule
+    for bad in [(600, 200), (5, 5), (-1, 10), (0, 1001)]:
+        with pytest.raises(ValueError, match=r"0 <= MIN < MAX <= 1000"):
+            timestep_range("importance", bad, 1000)

@@ -8,10 +8,11 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import accelerate_launch, tiny_train_args
 from sdpo import checkpoints
+from sdpo.errors import InputError
 
 import train
 
@@ -117,14 +118,24 @@ def test_resume_is_bitwise_exact(tiny, tmp_path):
 
 
 def test_latest_ignores_incomplete_checkpoints(tmp_path):
-    (tmp_path / "checkpoint-3").mkdir()
-    (tmp_path / "checkpoint-3" / checkpoints.STATE_FILE).write_text("{}")
-    (tmp_path / "checkpoint-5.tmp").mkdir()
+    complete = tmp_path / "checkpoint-3"
+    for name in checkpoints.REQUIRED_FILES:
+        (complete / name).parent.mkdir(parents=True, exist_ok=True)
+        (complete / name).write_text("{}")
+    (tmp_path / "checkpoint-5.tmp").mkdir()  # killed while writing
+    (tmp_path / "checkpoint-6.deleting").mkdir()  # killed while pruning
     (tmp_path / "checkpoint-7").mkdir()  # no state file: a copy cut short
-    assert checkpoints.resolve_resume("latest", str(tmp_path)) == str(tmp_path / "checkpoint-3")
+    assert checkpoints.resolve_resume("latest", str(tmp_path)) == str(complete)
     assert checkpoints.resolve_resume("latest", str(tmp_path / "nothing")) is None
-    with pytest.raises(Exception, match="no complete checkpoint"):
+    with pytest.raises(InputError, match="checkpoint-7 is not a complete checkpoint"):
         checkpoints.resolve_resume(str(tmp_path / "checkpoint-7"), str(tmp_path))
+    with pytest.raises(InputError, match="not a complete checkpoint"):
+        checkpoints.resolve_resume("checkpoint-6", str(tmp_path))  # its name is gone while it is deleted
+    (complete / "optimizer.pt").unlink()
+    with pytest.raises(InputError, match=r"missing optimizer.pt"):
+        checkpoints.resolve_resume("latest", str(tmp_path))
+    assert checkpoints.clean_output_dir(str(tmp_path)) == ["checkpoint-5.tmp", "checkpoint-6.deleting"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3", "checkpoint-7"]
 
 
 def test_missing_column_stops_with_one_line(tiny, tmp_path, capsys):
@@ -218,6 +229,7 @@ def test_checkpoint_of_the_wrong_model_is_refused(tiny, tmp_path, capsys):
     shutil.copytree(os.path.join(tiny["sdxl"], "unet"), ckpt / "unet")
     for name in ("optimizer.pt", "lr_scheduler.pt"):
         torch.save({}, ckpt / name)
+    save_file({"torch": torch.get_rng_state()}, ckpt / "rng-0.safetensors")
     (ckpt / checkpoints.STATE_FILE).write_text('{"global_step": 1, "seed": 0}')
     with pytest.raises(SystemExit) as exit_info:
         run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "b"), "--max_train_steps", "2"))

@@ -23,8 +23,8 @@ if [ -z "${NUM_GPUS:-}" ]; then
   NUM_GPUS=$("$python" -c "import torch; print(torch.cuda.device_count())")
 fi
 if [ "$NUM_GPUS" -lt 1 ]; then
-  echo "no GPU found; set NUM_GPUS to launch anyway" >&2
-  exit 1
+  echo "error: no GPU found; set NUM_GPUS=N to launch anyway" >&2
+  exit 2
 fi
 echo "effective batch: $BATCH pairs per GPU x $ACCUM accumulation steps x $NUM_GPUS GPUs =" \
      "$((BATCH * ACCUM * NUM_GPUS)) pairs per step (the papers used 2048; extra flags may change this," \
@@ -33,13 +33,19 @@ multi=()
 [ "$NUM_GPUS" -gt 1 ] && multi=(--multi_gpu)
 cd "$root"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "$python" -m accelerate.commands.launch "${multi[@]}" --num_processes "$NUM_GPUS" --num_machines 1 \
-  --mixed_precision bf16 --dynamo_backend no train.py \
-  --pretrained_model_name_or_path="$MODEL_NAME" --dataset_name="$DATASET_NAME" --output_dir="$OUTPUT_DIR" \
-  "${arch[@]}" --train_batch_size=$BATCH --gradient_accumulation_steps=$ACCUM --dataloader_num_workers=16 \
-  --max_train_steps=2000 --checkpointing_steps=500 \
-  --lr_scheduler=constant_with_warmup --lr_warmup_steps=500 --learning_rate="$LR" --scale_lr \
-  --mixed_precision=bf16 --allow_tf32 --loss_precision=reference --max_grad_norm=1.0 --report_to=tensorboard \
-  --train_method="$METHOD" --beta_dpo="$BETA" --dmpo_alpha="${ALPHA:-0.0}" \
-  --use_winner_preserving --winner_preserving_mu="$MU" \
+train_args=(
+  --pretrained_model_name_or_path="$MODEL_NAME" --dataset_name="$DATASET_NAME" --output_dir="$OUTPUT_DIR"
+  "${arch[@]}" --train_batch_size=$BATCH --gradient_accumulation_steps=$ACCUM --dataloader_num_workers=16
+  --max_train_steps=2000 --checkpointing_steps=500
+  --lr_scheduler=constant_with_warmup --lr_warmup_steps=500 --learning_rate="$LR" --scale_lr
+  --mixed_precision=bf16 --allow_tf32 --loss_precision=reference --max_grad_norm=1.0 --report_to=tensorboard
+  --train_method="$METHOD" --beta_dpo="$BETA" --dmpo_alpha="${ALPHA:-0.0}"
+  --use_winner_preserving --winner_preserving_mu="$MU"
   "$@"
+)
+# Check the settings, paths, checkpoint and data first, in this process: a mistake ends here with
+# our one-line message and exit status 2, not inside accelerate launch (which would turn it into
+# its own traceback and status 1).
+WORLD_SIZE="$NUM_GPUS" "$python" train.py "${train_args[@]}" --check_only >/dev/null
+exec "$python" -m accelerate.commands.launch "${multi[@]}" --num_processes "$NUM_GPUS" --num_machines 1 \
+  --mixed_precision bf16 --dynamo_backend no train.py "${train_args[@]}"

@@ -1,0 +1,53 @@
+"""Text-to-image sampling with the reference's evaluation protocol, over components already loaded.
+
+Euler discrete sampling; every prompt starts from the same noise, drawn from a generator seeded
+with `seed` for each prompt on the sampling device (so an image does not depend on the batch it is
+in); the negative branch is the encoded empty prompt; guidance is
+pred_cond + cfg * (pred_cond - pred_uncond); the VAE decodes in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def initial_noise(count: int, channels: int, height: int, width: int, scale: int, seed: int, device, dtype):
+    """The same noise for every prompt: a fresh generator per prompt, on `device`."""
+    shape = (1, channels, height // scale, width // scale)
+    return torch.cat([
+        torch.randn(shape, generator=torch.Generator(device).manual_seed(seed), device=device, dtype=dtype)
+        for _ in range(count)
+    ])
+
+
+@torch.no_grad()
+def sample(unet, vae, prompt_encoder, scheduler, prompts: list[str], height: int, width: int, steps: int,
+           cfg: float, seed: int, dtype) -> list[Image.Image]:
+    """Images for `prompts`; the UNet and text encoders run in `dtype`, the VAE in its own (fp32)."""
+    device = next(unet.parameters()).device
+    n = len(prompts)
+    cond = prompt_encoder(prompts, device, dtype, size=(height, width))
+    uncond = prompt_encoder([""], device, dtype, size=(height, width)).repeat(n)
+    both = {k: None if v is None else torch.cat([v, getattr(uncond, k)])
+            for k, v in vars(cond).items()}  # conditional first, then the empty prompt
+    kwargs = type(cond)(**both).unet_kwargs()
+    scheduler.set_timesteps(steps, device=device)
+    latents = initial_noise(n, unet.config.in_channels, height, width, vae_scale_factor(vae), seed, device, dtype)
+    latents = latents * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(latents, t).repeat(2, 1, 1, 1)
+        pred = unet(model_input, t, **kwargs).sample
+        pred_cond, pred_uncond = pred.chunk(2)
+        guided = pred_cond + cfg * (pred_cond - pred_uncond)
+        latents = scheduler.step(guided, t, latents).prev_sample
+    x = latents.float() / vae.config.scaling_factor
+    if getattr(vae.config, "shift_factor", None) is not None:
+        x = x + vae.config.shift_factor
+    x = vae.decode(x.to(vae.dtype)).sample.float()
+    x = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray((im * 255).round().astype("uint8")) for im in x]
