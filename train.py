@@ -240,6 +240,10 @@ def validate(args):
         if value and value != "base" and not os.path.exists(value) and not models.HUB_ID.fullmatch(value):
             raise InputError(f"--{flag} {value!r}: not found")
     check_output_dir(args.output_dir, "--output_dir")
+    name = args.pretrained_model_name_or_path.lower()
+    if "turbo" in name or "refiner" in name:
+        logger.warning("the reference switches to special timesteps for models whose name contains 'turbo' or "
+                       "'refiner'; this project trains %s like any other pipeline", args.pretrained_model_name_or_path)
 
 
 # ---- models ----------------------------------------------------------------------------------
