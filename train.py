@@ -223,7 +223,7 @@ def validate(args):
     if args.choice_model:
         from eval.score import parse_sources
 
-        parse_sources(args.choice_model_source)
+        parse_sources(args.choice_model_source, flag="--choice_model_source")
     if args.report_to in ("wandb",):
         import importlib.util
 
@@ -619,13 +619,14 @@ class Run:
     validation: Validation | None
 
 
-def setup(args, accelerator, inputs: Inputs) -> Run:
-    """Load the models, build the optimizer and the lr schedule, restore a checkpoint."""
+def setup(args, accelerator, inputs: Inputs, parts=None) -> Run:
+    """Load the models (or take `parts`, as load_models returns them: the benchmark builds them from
+    configs), build the optimizer and the lr schedule, restore a checkpoint."""
     from diffusers.optimization import get_scheduler
 
     weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
     # Models: the policy trains in fp32 under autocast; everything frozen runs in the weight dtype.
-    tokenizers, text_encoders, vae, unet, ref_unet = load_models(args)
+    tokenizers, text_encoders, vae, unet, ref_unet = parts or load_models(args)
     for frozen in [*text_encoders, vae, ref_unet]:
         if frozen is not None:
             frozen.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
@@ -652,8 +653,9 @@ def setup(args, accelerator, inputs: Inputs) -> Run:
         from eval.score import parse_sources
         from eval.scorers import build_scorer
 
-        sources = parse_sources(args.choice_model_source).get(args.choice_model, {})
-        chooser = build_scorer(args.choice_model, device=str(accelerator.device), **sources)
+        sources = parse_sources(args.choice_model_source, flag="--choice_model_source").get(args.choice_model, {})
+        chooser = build_scorer(args.choice_model, device=str(accelerator.device), flag="--choice_model_source",
+                               **sources)
     step = Step(args, accelerator, unet, ref_unet, vae, prompt_encoder, inputs.noise_scheduler, weight_dtype,
                 inputs.timesteps, chooser)
     validation = None
@@ -746,6 +748,42 @@ def save_validation_images(run: Run, step: int) -> None:
             tracker.log_images({"validation": images}, step)
 
 
+def train_step(run: Run, batches) -> tuple[dict[str, float], bool]:
+    """One optimizer step: accumulate the micro-batches' gradients, measure and clip their norm,
+    and step unless the loss or the norm is not finite. Returns the step's numbers (averaged over
+    micro-batches and processes) and whether it stepped."""
+    args, accelerator, unet, optimizer = run.args, run.accelerator, run.unet, run.optimizer
+    accum = args.gradient_accumulation_steps
+    step_stats = []
+    for micro in range(accum):
+        batch = next_batch(batches)
+        # Gradients are all-reduced only on the last micro-batch of a step.
+        sync = accelerator.no_sync(unet) if micro < accum - 1 else contextlib.nullcontext()
+        with sync:
+            loss, stats = run.step(batch)
+            accelerator.backward(loss / accum)
+        step_stats.append({"loss": loss.detach(), **stats})
+    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf  # inf: measure the norm, clip nothing
+    grad_norm = accelerator.clip_grad_norm_(unet.parameters(), max_norm)  # the norm before clipping
+
+    # The step's one host sync: the micro-batch means, averaged over processes, with the gradient
+    # norm. Every process sees the same numbers, so all skip a non-finite step alike.
+    keys = list(step_stats[0].keys())
+    means = [torch.stack([s[k].float() for s in step_stats]).mean() for k in keys]
+    if grad_norm is not None:
+        keys.append("grad_norm")
+        means.append(grad_norm.float().reshape(()))
+    values = dict(zip(keys, accelerator.reduce(torch.stack(means), reduction="mean").tolist()))
+    finite = math.isfinite(values["loss"]) and math.isfinite(values.get("grad_norm", 0.0))
+    if finite:
+        optimizer.step()
+        run.lr_scheduler.step()
+    elif getattr(accelerator, "scaler", None) is not None and not math.isfinite(values.get("grad_norm", 0.0)):
+        optimizer.step()  # fp16: the gradient scaler skips the update and lowers its scale
+    optimizer.zero_grad(set_to_none=True)
+    return values, finite
+
+
 def fit(run: Run) -> dict:
     """The training loop: accumulate, skip non-finite steps, clip, step, log, validate, checkpoint."""
     from tqdm.auto import tqdm
@@ -767,44 +805,18 @@ def fit(run: Run) -> dict:
                     disable=not accelerator.is_local_main_process, desc="steps")
     run_state = {"seed": args.seed, "train_method": args.train_method, "sdxl": args.sdxl,
                  "settings": result_settings(inputs.config)}
-    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf  # inf: measure the norm, clip nothing
-    scaler = getattr(accelerator, "scaler", None)
     logs, skipped_in_a_row, skipped_total = {}, 0, 0
     try:
         for step in range(start_step, args.max_train_steps):
             started = time.perf_counter()
-            step_stats = []
-            for micro in range(accum):
-                batch = next_batch(batches)
-                # Gradients are all-reduced only on the last micro-batch of a step.
-                sync = accelerator.no_sync(unet) if micro < accum - 1 else contextlib.nullcontext()
-                with sync:
-                    loss, stats = run.step(batch)
-                    accelerator.backward(loss / accum)
-                step_stats.append({"loss": loss.detach(), **stats})
-            grad_norm = accelerator.clip_grad_norm_(unet.parameters(), max_norm)  # the norm before clipping
-
-            # The step's one host sync: the micro-batch means, averaged over processes, with the
-            # gradient norm. Every process sees the same numbers, so all skip a non-finite step alike.
-            keys = list(step_stats[0].keys())
-            means = [torch.stack([s[k].float() for s in step_stats]).mean() for k in keys]
-            if grad_norm is not None:
-                keys.append("grad_norm")
-                means.append(grad_norm.float().reshape(()))
-            values = dict(zip(keys, accelerator.reduce(torch.stack(means), reduction="mean").tolist()))
-            finite = math.isfinite(values["loss"]) and math.isfinite(values.get("grad_norm", 0.0))
+            values, finite = train_step(run, batches)
             if finite:
-                optimizer.step()
-                lr_scheduler.step()
                 skipped_in_a_row = 0
             else:
-                if scaler is not None and not math.isfinite(values.get("grad_norm", 0.0)):
-                    optimizer.step()  # fp16: the gradient scaler skips the update and lowers its scale
                 skipped_in_a_row += 1
                 skipped_total += 1
                 logger.warning("step %d skipped: loss %s, gradient norm %s (%d in a row, %d in all)", step + 1,
                                values["loss"], values.get("grad_norm"), skipped_in_a_row, skipped_total)
-            optimizer.zero_grad(set_to_none=True)
             if skipped_in_a_row >= args.max_skipped_steps:
                 raise RunStopped(f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient (the last at step "
                                  f"{step + 1}); the run stops (--max_skipped_steps {args.max_skipped_steps}). Lower the "

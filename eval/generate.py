@@ -19,26 +19,45 @@ Output, named as the reference names it:
   with the prompt in the EXIF ImageDescription;
 - the manifest <same name>.json: the suite's records with gen_image_path filled in.
 
-Images already on disk are kept and skipped, and every file is written atomically, so an
-interrupted run continues where it stopped.
+Beside the images, <image folder>/generation.json records what made them: the model (the base
+pipeline as an absolute path or hub id, the UNet as 'base' or an absolute path, the VAE; local
+files with their size and mtime), the protocol (seed, steps, cfg, height, width, dtype, device
+type, scheduler) and the prompt of each image index. A rerun keeps an image only when that record
+matches this run and the image is complete; otherwise it makes the image again and prints why
+(the first field that differs). --recompute makes every image again.
+
+Every file is written under a temporary name that does not end in .png or .json, then renamed,
+so an interrupted (even killed) run continues where it stopped, and temporary files a killed run
+left are removed when the folder is used again.
+
+With --unet_path base and no --output_path, images go to outputs/base/<base model>/, one folder
+per base model.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import re
 
 import torch
 from PIL import ExifTags, Image
 from tqdm.auto import tqdm
 
-from eval.files import write_json_atomic
+from eval import checks
+from eval.files import (atomic_path, first_difference, path_identity, remove_stale_temps, write_json_atomic)
 from eval.prompts import load_suite
 from sdpo import models
 from sdpo.conditioning import PromptEncoder
-from sdpo.errors import reports_input_errors
+from sdpo.sampling import sample, vae_scale_factor
+from sdpo.errors import InputError, reports_input_errors
 
 MANIFEST_KEYS = ("prompt", "gen_image_path", "raw_image_path", "metadata")
+RECORD_NAME = "generation.json"
+PROTOCOL_VERSION = 1  # bump when the sampling code changes what images it makes
+IMAGE_NAME = re.compile(r"(\d+)_(\d+)x(\d+)\.png")
+SCHEDULER = "EulerDiscreteScheduler"
 
 
 def run_name(test_json: str, seed: int, height: int, width: int, steps: int, cfg: float) -> str:
@@ -47,11 +66,11 @@ def run_name(test_json: str, seed: int, height: int, width: int, steps: int, cfg
 
 
 def save_png_atomic(image: Image.Image, prompt: str, path: str) -> None:
+    """Write a PNG under `<path>.tmp<pid>` (no .png at the end: no glob picks it up), then rename."""
     exif = Image.Exif()
     exif[ExifTags.Base.ImageDescription] = prompt
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    image.save(tmp, exif=exif)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", exif=exif)
 
 
 def is_complete_png(path: str) -> bool:
@@ -63,6 +82,73 @@ def is_complete_png(path: str) -> bool:
         return False
 
 
+# ---- what made the images ------------------------------------------------------------------------
+
+
+def base_folder_name(base: str) -> str:
+    """A folder name for a base model, distinct for distinct bases: a hub id as owner--name, a
+    local folder as its name plus a hash of its absolute path."""
+    if os.path.exists(base):
+        path = os.path.abspath(base)
+        name = os.path.basename(os.path.normpath(path)) or "root"
+        return f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", base.replace("/", "--"))
+
+
+def default_output_path(args) -> str:
+    if args.unet_path == "base":
+        return os.path.join("outputs", "base", base_folder_name(args.pretrain_path))
+    # as the reference: beside the checkpoint
+    return args.unet_path if os.path.isdir(args.unet_path) else os.path.dirname(os.path.abspath(args.unet_path))
+
+
+def unet_folder(spec: str) -> str:
+    """The folder a diffusers-folder --unet_path loads from (a train.py output dir holds unet/)."""
+    inner = os.path.join(spec, "unet")
+    return inner if os.path.isfile(os.path.join(inner, "config.json")) else spec
+
+
+def model_identity(args) -> dict:
+    """The base pipeline (the parts generation loads), the UNet and the VAE, as eval.files.path_identity."""
+    base = args.pretrain_path
+    if os.path.isdir(base):
+        parts = ["tokenizer", "text_encoder", "scheduler", "unet"] + (["tokenizer_2", "text_encoder_2"] if args.sdxl else [])
+        parts += [] if args.vae_path else ["vae"]
+        files = {}
+        for part in parts:
+            inner = path_identity(os.path.join(base, part)).get("files", {})
+            files.update({f"{part}/{name}": value for name, value in inner.items()})
+        pipeline = {"path": os.path.abspath(base), "files": files}
+    else:
+        pipeline = {"value": base}
+    unet = "base" if args.unet_path == "base" else path_identity(
+        unet_folder(args.unet_path) if os.path.isdir(args.unet_path) else args.unet_path)
+    vae = None if args.vae_path is None else path_identity(args.vae_path)
+    return {"pretrain_path": pipeline, "unet_path": unet, "vae_path": vae, "sdxl": args.sdxl}
+
+
+def protocol(args) -> dict:
+    return {"version": PROTOCOL_VERSION, "scheduler": SCHEDULER, "seed": args.seed, "steps": args.steps,
+            "cfg": args.cfg, "height": args.height, "width": args.width, "dtype": args.dtype,
+            "device": torch.device(args.device).type}
+
+
+def read_record(path: str) -> tuple[dict | None, str | None]:
+    """(the generation record, None), or (None, why it cannot be used)."""
+    if not os.path.exists(path):
+        return None, None
+    try:
+        record = checks.read_json(path, RECORD_NAME)
+    except InputError as err:
+        return None, f"its {RECORD_NAME} is unreadable ({err})"
+    ok = (isinstance(record, dict) and isinstance(record.get("images"), dict)
+          and all(isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in record["images"].items()))
+    return (record, None) if ok else (None, f"its {RECORD_NAME} is not a generation record of this version")
+
+
+# ---- sampling ------------------------------------------------------------------------------------
+
+
 class Generator:
     """The sampling loop of the protocol over loaded components."""
 
@@ -72,117 +158,175 @@ class Generator:
         self.device, self.dtype = torch.device(device), dtype
         flag = "--pretrain_path"
         models.check_source(base, flag)
+        # The scheduler first (the cheapest proof that the base loads), then the UNet: a checkpoint
+        # that does not fit fails before the rest is loaded.
+        self.scheduler = models.load_scheduler(EulerDiscreteScheduler, base, flag)
+        self.unet = models.load_unet(unet_spec, base, "--unet_path", base_flag=flag).to(self.device, dtype).eval()
+        self.vae = models.load_vae(base, vae_path, "--vae_path", flag).to(self.device, torch.float32).eval()
         tokenizers, encoders = models.load_text_side(base, sdxl, flag)
         for encoder in encoders:
             encoder.to(self.device, dtype).eval()
         self.prompt_encoder = PromptEncoder(tokenizers, encoders, resolution=0)
-        self.scheduler = models.load_scheduler(EulerDiscreteScheduler, base, flag)
-        self.vae = models.load_vae(base, vae_path, "--vae_path", flag).to(self.device, torch.float32).eval()
-        self.unet = models.load_unet(unet_spec, base, "--unet_path").to(self.device, dtype).eval()
-        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def initial_noise(self, count: int, height: int, width: int, seed: int) -> torch.Tensor:
-        """The same noise for every prompt: a fresh generator per prompt, on the run's device."""
-        shape = (1, self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
-        return torch.cat([
-            torch.randn(shape, generator=torch.Generator(self.device).manual_seed(seed), device=self.device,
-                        dtype=self.dtype)
-            for _ in range(count)
-        ])
-
-    @torch.no_grad()
     def __call__(self, prompts: list[str], height: int, width: int, steps: int, cfg: float, seed: int):
-        n = len(prompts)
-        cond = self.prompt_encoder(prompts, self.device, self.dtype, size=(height, width))
-        uncond = self.prompt_encoder([""], self.device, self.dtype, size=(height, width)).repeat(n)
-        both = {k: None if v is None else torch.cat([v, getattr(uncond, k)])
-                for k, v in vars(cond).items()}  # conditional first, then the empty prompt
-        kwargs = type(cond)(**both).unet_kwargs()
-        self.scheduler.set_timesteps(steps, device=self.device)
-        latents = self.initial_noise(n, height, width, seed) * self.scheduler.init_noise_sigma
-        for t in self.scheduler.timesteps:
-            model_input = self.scheduler.scale_model_input(latents, t).repeat(2, 1, 1, 1)
-            pred = self.unet(model_input, t, **kwargs).sample
-            pred_cond, pred_uncond = pred.chunk(2)
-            guided = pred_cond + cfg * (pred_cond - pred_uncond)
-            latents = self.scheduler.step(guided, t, latents).prev_sample
-        x = latents.float() / self.vae.config.scaling_factor
-        if getattr(self.vae.config, "shift_factor", None) is not None:
-            x = x + self.vae.config.shift_factor
-        x = self.vae.decode(x).sample
-        x = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray((im * 255).round().astype("uint8")) for im in x]
+        return sample(self.unet, self.vae, self.prompt_encoder, self.scheduler, prompts, height, width, steps, cfg,
+                      seed, self.dtype)
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+
+def check_args(args) -> None:
+    """Every flag checked, and the output folder made and proven writable, before any model loads."""
+    checks.at_least_one(args.steps, "--steps")
+    checks.at_least_one(args.batch_size, "--batch_size")
+    checks.at_least_one(args.max_prompts, "--max_prompts")
+    checks.image_size(args.height, "--height")
+    checks.image_size(args.width, "--width")
+    checks.seed(args.seed)
+    checks.guidance(args.cfg)
+    args.device = checks.device(args.device)
+    if args.dtype is None:
+        args.dtype = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
+    models.check_source(args.pretrain_path, "--pretrain_path")
+    sdxl = models.is_sdxl_pipeline(args.pretrain_path)
+    checks.check(sdxl in (None, args.sdxl), f"--pretrain_path {args.pretrain_path} is "
+                 f"{'an SDXL' if sdxl else 'an SD1.x'} pipeline: {'add' if sdxl else 'remove'} --sdxl")
+    checks.check(args.unet_path == "base" or os.path.exists(args.unet_path),
+                 f"--unet_path {args.unet_path!r}: not found (give 'base', a folder, a .safetensors or a .pth file)")
+    if args.vae_path is not None and not os.path.isdir(args.vae_path):
+        checks.check(not os.path.exists(args.vae_path), f"--vae_path {args.vae_path}: a file; a VAE folder is needed")
+        checks.check(models.HUB_ID.fullmatch(args.vae_path) is not None,
+                     f"--vae_path {args.vae_path!r}: no such folder, and not a hub id (owner/name)")
+    args.suite = load_suite(args.test_json)
+    if args.output_path is None:
+        args.output_path = default_output_path(args)
+    checks.writable_dir(args.output_path, "--output_path")
+    name = run_name(args.test_json, args.seed, args.height, args.width, args.steps, args.cfg)
+    args.image_dir = checks.writable_dir(os.path.join(args.output_path, name), "--output_path")
 
 
 def generate(args) -> str:
-    """Generate the suite's missing images and write the manifest; returns the manifest's path."""
-    suite = load_suite(args.test_json)
-    if args.max_prompts is not None:
-        suite = suite[: args.max_prompts]
-    output_path = args.output_path
-    if output_path is None:  # as the reference: beside the checkpoint
-        output_path = args.unet_path if os.path.isdir(args.unet_path) else os.path.dirname(os.path.abspath(args.unet_path))
-        if args.unet_path == "base":
-            output_path = os.path.join("outputs", "base")
-    name = run_name(args.test_json, args.seed, args.height, args.width, args.steps, args.cfg)
-    image_dir = os.path.join(output_path, name)
-    os.makedirs(image_dir, exist_ok=True)
+    """Generate the suite's missing or stale images and write the manifest; returns its path."""
+    if getattr(args, "image_dir", None) is None:
+        check_args(args)
+    suite = args.suite if args.max_prompts is None else args.suite[: args.max_prompts]
+    image_dir = args.image_dir
+    name = os.path.basename(image_dir)
+    for folder in (image_dir, args.output_path):
+        removed = remove_stale_temps(folder)
+        if removed:
+            print(f"removed {len(removed)} temporary file(s) left in {folder} by an interrupted run")
 
-    manifest, todo = [], []
+    # What made the images already there, and which of them this run can keep.
+    record_path = os.path.join(image_dir, RECORD_NAME)
+    identity = {"model": model_identity(args), "protocol": protocol(args)}
+    old, reason = read_record(record_path)
+    vouched: dict[str, str] = {}
+    if args.recompute:
+        reason = "--recompute"
+    elif old is not None:
+        diff = first_difference({k: old.get(k) for k in identity}, identity)
+        if diff:
+            reason = f"its images were made by another model or protocol ({diff})"
+        else:
+            vouched = dict(old["images"])
+    present = {m.group(1) for m in map(IMAGE_NAME.fullmatch, os.listdir(image_dir))
+               if m and (int(m.group(2)), int(m.group(3))) == (args.height, args.width)}
+    if old is None and reason is None and present:
+        reason = f"it has images but no {RECORD_NAME} saying what made them"
+    manifest, todo, changed = [], [], 0
     for index, entry in enumerate(suite):
         path = os.path.join(image_dir, f"{index}_{args.height}x{args.width}.png")
         manifest.append({"prompt": entry["prompt"], "gen_image_path": path,
                          "raw_image_path": entry.get("raw_image_path", ""), "metadata": entry.get("metadata", {})})
-        if not is_complete_png(path):
+        made_for = vouched.pop(str(index), None)
+        if made_for is not None and made_for != entry["prompt"]:
+            changed += 1
+        if made_for != entry["prompt"] or not is_complete_png(path):
             todo.append(index)
-    if todo:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-            args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
-        generator = Generator(args.pretrain_path, args.unet_path, args.sdxl, args.vae_path, device, dtype)
+    # Kept: the images of this run that the record vouches for, and those of earlier, longer runs
+    # (beyond this run's prompts) that it vouches for. Every other image file goes now, so the
+    # folder never holds an image its record does not vouch for.
+    keep = {k: v for k, v in vouched.items() if k in present}
+    keep.update({str(i): suite[i]["prompt"] for i in range(len(suite)) if i not in set(todo)})
+    generator = None
+    if todo:  # loaded before anything on disk changes: a model that fails to load leaves the folder as it was
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        generator = Generator(args.pretrain_path, args.unet_path, args.sdxl, args.vae_path, args.device, dtype)
+        scale = vae_scale_factor(generator.vae)
+        for flag, size in (("--height", args.height), ("--width", args.width)):
+            checks.check(size % scale == 0, f"{flag} {size}: not a multiple of this VAE's downsampling factor {scale}")
+    if reason or changed:
+        why = reason or f"{changed} prompt(s) of the suite changed since their images were made"
+        print(f"{image_dir}: {why}; generating {len(todo)} image(s) again")
+    write_json_atomic({**identity, "images": dict(sorted(keep.items(), key=lambda kv: int(kv[0])))}, record_path)
+    for index in sorted(present - set(keep), key=int):
+        os.remove(os.path.join(image_dir, f"{index}_{args.height}x{args.width}.png"))
+
+    if generator is not None:
         for start in tqdm(range(0, len(todo), args.batch_size), desc=name, unit="batch"):
             batch = todo[start : start + args.batch_size]
             images = generator([suite[i]["prompt"] for i in batch], args.height, args.width, args.steps,
                                args.cfg, args.seed)
             for i, image in zip(batch, images):
                 save_png_atomic(image, suite[i]["prompt"], manifest[i]["gen_image_path"])
+                keep[str(i)] = suite[i]["prompt"]
+            # After the images: a kill in between leaves images the record does not vouch for (made again).
+            write_json_atomic({**identity, "images": dict(sorted(keep.items(), key=lambda kv: int(kv[0])))},
+                              record_path)
     manifest_path = image_dir + ".json"
     write_json_atomic(manifest, manifest_path)
     print(f"{len(suite) - len(todo)} images kept, {len(todo)} generated; manifest: {manifest_path}")
     return manifest_path
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_generation_flags(p) -> None:
     p.add_argument("--unet_path", required=True, help="unet.pth / .safetensors / diffusers folder / 'base'")
-    p.add_argument("--test_json", default="prompts/papv2.json", help="a prompt suite file")
     p.add_argument("--pretrain_path", default=None, help="base pipeline (default: SD1.5, or SDXL base with --sdxl)")
     p.add_argument("--vae_path", default=None, help="a separate VAE (default for SDXL: madebyollin/sdxl-vae-fp16-fix)")
     p.add_argument("--sdxl", action="store_true")
-    p.add_argument("--output_path", default=None, help="parent of the image folder (default: beside the checkpoint)")
-    p.add_argument("--height", type=int, default=None, help="default 512, SDXL 1024")
-    p.add_argument("--width", type=int, default=None, help="default 512, SDXL 1024")
+    p.add_argument("--output_path", default=None,
+                   help="parent of the image folder (default: beside the checkpoint; for base, outputs/base/<base model>)")
+    p.add_argument("--height", type=int, default=None, help="a multiple of 8; default 512, SDXL 1024")
+    p.add_argument("--width", type=int, default=None, help="a multiple of 8; default 512, SDXL 1024")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--cfg", type=float, default=7.5,
+                   help="guidance scale: cond + cfg (cond - uncond); 0 is no guidance, negative values are refused")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per batch (images do not depend on it)")
     p.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts, for a quick look")
-    p.add_argument("--device", default=None, help="default: cuda if available")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="UNet/text encoders (default bf16 on GPU, fp32 on CPU)")
-    args = p.parse_args(argv)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="UNet/text encoders (default bf16 on GPU, fp32 on CPU)")
+
+
+def finish_args(args):
     size = 1024 if args.sdxl else 512
-    args.height, args.width = args.height or size, args.width or size
+    args.height = size if args.height is None else args.height
+    args.width = size if args.width is None else args.width
     if args.pretrain_path is None:
         args.pretrain_path = ("stabilityai/stable-diffusion-xl-base-1.0" if args.sdxl
                               else "stable-diffusion-v1-5/stable-diffusion-v1-5")
     if args.sdxl and args.vae_path is None:
         args.vae_path = "madebyollin/sdxl-vae-fp16-fix"
+    args.image_dir = args.suite = None
     return args
+
+
+def parse_args(argv=None):
+    p = checks.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_generation_flags(p)
+    p.add_argument("--test_json", default="prompts/papv2.json", help="a prompt suite file")
+    p.add_argument("--recompute", action="store_true", help="make every image again, keeping none")
+    return finish_args(p.parse_args(argv))
 
 
 @reports_input_errors
 def main(argv=None):
-    return generate(parse_args(argv))
+    args = parse_args(argv)
+    check_args(args)
+    return generate(args)
 
 
 if __name__ == "__main__":

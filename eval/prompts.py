@@ -33,10 +33,10 @@ import argparse
 import csv
 import hashlib
 import io
-import json
 import os
 import urllib.request
 
+from eval import checks
 from eval.files import write_json_atomic
 from sdpo.errors import InputError, reports_input_errors
 
@@ -100,15 +100,22 @@ def parse_parti_tsv(text: str) -> list[dict]:
 
 def _read_text(source: str) -> str:
     if os.path.isfile(source):
-        with open(source, encoding="utf-8") as f:
-            return f.read()
+        try:
+            with open(source, encoding="utf-8") as f:
+                return f.read()
+        except UnicodeDecodeError as err:
+            raise InputError(f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except OSError as err:
+            raise InputError(f"cannot read it ({err.strerror})") from None
+    if os.path.isdir(source):
+        raise InputError("a folder; a PartiPrompts.tsv file is needed")
     if source.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(source, timeout=60) as response:
                 return response.read().decode("utf-8")
         except OSError as err:
             raise InputError(f"could not download {source}: {err}; pass a local copy with --source") from err
-    raise InputError(f"{source} is neither a file nor a URL")
+    raise InputError("neither a file nor a URL")
 
 
 def build_partiprompts(source: str) -> list[dict]:
@@ -132,8 +139,7 @@ def build_hpsv2(source: str) -> list[dict]:
             except Exception as err:  # hub errors come in many types; all mean "not available"
                 raise InputError(f"could not fetch benchmark/{style}.json from {source}: {err}; "
                                  f"pass a local folder with --source") from err
-        with open(path, encoding="utf-8") as f:
-            prompts = json.load(f)
+        prompts = checks.read_json(path, "benchmark file")
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise InputError(f"{path}: expected a JSON list of prompt strings")
         suite += [record(p) for p in prompts]
@@ -177,21 +183,38 @@ def ensure_suite(name: str, source: str | None = None) -> str:
     it) is it built from its upstream source, which may need the network."""
     path = suite_path(name)
     if not os.path.isfile(path):
-        write_suite(BUILDERS[name](source or DEFAULT_SOURCES[name]), path, ensure_ascii=ENSURE_ASCII[name])
+        write_suite(build(name, source or DEFAULT_SOURCES[name], f"suite {name}: building it from"), path,
+                    ensure_ascii=ENSURE_ASCII[name])
     return path
 
 
-def load_suite(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        suite = json.load(f)
-    if not isinstance(suite, list) or not all(isinstance(r, dict) and "prompt" in r for r in suite):
-        raise InputError(f"{path}: expected a JSON list of records with a 'prompt'")
+def build(name: str, source: str, flag: str = "--source") -> list[dict]:
+    """The suite built from `source`; any failure is one line that names the flag and the source."""
+    try:
+        suite = BUILDERS[name](source)
+    except InputError as err:
+        raise InputError(f"{flag} {source}: {err}") from None
+    if not suite:
+        raise InputError(f"{flag} {source}: no prompts in it")
+    return suite
+
+
+def load_suite(path: str, flag: str = "--test_json") -> list[dict]:
+    """A prompt suite: a non-empty JSON list of records, each with a string 'prompt'."""
+    suite = checks.read_json(path, flag)
+    if not isinstance(suite, list):
+        raise InputError(f"{flag} {path}: expected a JSON list of records with a 'prompt', got a {type(suite).__name__}")
+    if not suite:
+        raise InputError(f"{flag} {path}: an empty suite (no prompts)")
+    for index, entry in enumerate(suite):
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+            raise InputError(f"{flag} {path}: record {index} is not an object with a string 'prompt'")
     return suite
 
 
 @reports_input_errors
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = checks.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", required=True, choices=sorted(BUILDERS))
     parser.add_argument("--source", default=None, help="local file/folder, hub id or URL (default: the upstream)")
     parser.add_argument("--output", default=None, help="where to write (default: prompts/<suite>.json)")
@@ -201,7 +224,8 @@ def main(argv=None):
     if os.path.exists(output) and is_shipped_path(output) and not args.force:
         raise InputError(f"{output} ships with the project; write elsewhere with --output FILE, "
                          f"or pass --force to replace it")
-    suite = BUILDERS[args.suite](args.source or DEFAULT_SOURCES[args.suite])
+    checks.writable_file(output, "--output")
+    suite = build(args.suite, args.source or DEFAULT_SOURCES[args.suite])
     write_suite(suite, output, ensure_ascii=ENSURE_ASCII[args.suite])
     same = fingerprint(suite) == FINGERPRINTS[args.suite]
     expected = EXPECTED_SIZES[args.suite]

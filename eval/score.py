@@ -2,41 +2,55 @@
 
     python -m eval.score out/papv2_seed0_512x512_50s_7.5cfg.json out/hpsv2_...json \
         [--metrics pickscore hpsv2 aesthetics clip] [--device cuda] [--batch_size 32] \
-        [--source pickscore.model=/models/PickScore_v1 --source hpsv2.checkpoint=/models/HPS_v2_compressed.pt]
+        [--source pickscore.model=/models/PickScore_v1 --source hpsv2.checkpoint=/models/HPS_v2_compressed.pt] \
+        [--recompute]
 
-For each manifest X.json and metric M it writes X_M.json: the manifest's records, each with a
-"score". A score file that already covers the manifest is reused, not recomputed. The table
-(suites by metrics, means) is printed and saved as markdown (--table, default summary.md beside the
-first manifest) and as JSON beside it.
+For each manifest X.json and metric M it writes X_M.json:
+
+    {"format": "sdpo-scores/1", "metric": M,
+     "scorer": {"metric", "version", "sources": every model source, given or default, local files
+                with their size and mtime},
+     "images": [[size, mtime_ns] of each record's image],
+     "records": the manifest's records, each with a "score"}
+
+A score file is reused only when its scorer, its records and its images are those of this run;
+otherwise (another --source, regenerated images, an edited manifest, a file of an older format)
+it is computed again, with a line that says why. --recompute scores everything again. The table
+(suites by metrics, means) is printed and saved as markdown (--table, default summary.md beside
+the first manifest) and as JSON beside it (summary.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 
 from PIL import Image
 
-from eval.files import write_json_atomic
-from eval.scorers import METRICS, build_scorer
-from sdpo.errors import InputError, reports_input_errors
+from eval import checks
+from eval.files import file_identity, first_difference, remove_stale_temps, write_json_atomic, write_text_atomic
+from eval.scorers import METRICS, SOURCES, build_scorer, check_source, scorer_identity
+from sdpo.errors import InputError, first_line, reports_input_errors
+
+SCORE_FORMAT = "sdpo-scores/1"
 
 
 def score_path(manifest_path: str, metric: str) -> str:
     return f"{os.path.splitext(manifest_path)[0]}_{metric}.json"
 
 
-def load_manifest(path: str) -> list[dict]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"cannot read manifest {path}: {err}") from err
-    if not isinstance(records, list) or not all(isinstance(r, dict) and "prompt" in r and "gen_image_path" in r
-                                                for r in records):
-        raise InputError(f"{path}: expected a JSON list of records with 'prompt' and 'gen_image_path'")
+def load_manifest(path: str, flag: str = "manifest") -> list[dict]:
+    """A generation manifest: a non-empty JSON list of records with a string 'prompt' and
+    'gen_image_path'. An empty one is refused: a mean over no images is not a score."""
+    records = checks.read_json(path, flag)
+    if not isinstance(records, list):
+        raise InputError(f"{flag} {path}: expected a JSON list of records, got a {type(records).__name__}")
+    if not records:
+        raise InputError(f"{flag} {path}: an empty manifest (no records): there is nothing to score")
+    for index, r in enumerate(records):
+        if not (isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("gen_image_path"), str)):
+            raise InputError(f"{flag} {path}: record {index} lacks a string 'prompt' or 'gen_image_path'")
     return records
 
 
@@ -45,91 +59,157 @@ def resolve_image(path: str, manifest_path: str) -> str:
     here = os.path.dirname(os.path.abspath(manifest_path))
     for candidate in (path, os.path.join(here, os.path.basename(os.path.dirname(path)), os.path.basename(path)),
                       os.path.join(here, path)):
-        if os.path.isfile(candidate):
+        if path and os.path.isfile(candidate):
             return candidate
-    raise InputError(f"{manifest_path}: image {path} not found")
+    raise InputError(f"{manifest_path}: image {path!r} not found")
+
+
+def image_identities(records: list[dict], manifest_path: str, flag: str = "manifest") -> list[list[int]]:
+    """[size, mtime_ns] of each record's image; every image must be there."""
+    out = []
+    for index, r in enumerate(records):
+        try:
+            out.append(file_identity(resolve_image(r["gen_image_path"], manifest_path)))
+        except InputError:
+            raise InputError(f"{flag} {manifest_path}: record {index}: image {r['gen_image_path']!r} not found "
+                             f"(generate it again with eval.generate)") from None
+    return out
 
 
 def open_image(path: str) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except OSError as err:
-        raise InputError(f"unreadable image {path}: {err}") from err
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise InputError(f"unreadable image {path}: {first_line(err)} (generate it again with eval.generate)") from None
 
 
-def cached_scores(manifest_path: str, metric: str, records: list[dict]) -> list[dict] | None:
-    """The score file for this manifest, if it exists and covers the same prompts and images."""
-    path = score_path(manifest_path, metric)
-    if not os.path.isfile(path):
-        return None
+def stale_reason(path: str, metric: str, records: list[dict], images: list, identity: dict) -> str | None:
+    """Why the score file at `path` cannot serve these records, images and scorer; None if it can."""
     try:
-        with open(path, encoding="utf-8") as f:
-            scored = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-    same = len(scored) == len(records) and all(
-        s.get("prompt") == r["prompt"] and s.get("gen_image_path") == r["gen_image_path"] and "score" in s
-        for s, r in zip(scored, records))
-    return scored if same else None
+        content = checks.read_json(path, "score file")
+    except InputError as err:
+        return f"unreadable ({err})"
+    if isinstance(content, list):
+        return "a score file of an older format, without a record of the scorer and images behind it"
+    if not isinstance(content, dict) or content.get("format") != SCORE_FORMAT:
+        return "not a score file of this version"
+    if content.get("metric") != metric:
+        return f"made for metric {content.get('metric')!r}"
+    diff = first_difference(content.get("scorer"), identity)
+    if diff:
+        return f"made by another scorer ({diff})"
+    scored = content.get("records")
+    if not isinstance(scored, list) or len(scored) != len(records):
+        return "made for another manifest (a different number of records)"
+    for index, (s, r) in enumerate(zip(scored, records)):
+        if not isinstance(s, dict) or s.get("prompt") != r["prompt"] or s.get("gen_image_path") != r["gen_image_path"]:
+            return f"made for another manifest (record {index} differs)"
+        if not isinstance(s.get("score"), (int, float)):
+            return f"record {index} has no score"
+    old = content.get("images")
+    if not isinstance(old, list) or len(old) != len(images):
+        return "no identity of the images it scored"
+    changed = [i for i, (a, b) in enumerate(zip(old, images)) if a != b]
+    if changed:
+        return (f"{len(changed)} of {len(images)} images changed since it was made (size or modification time; "
+                f"first: {records[changed[0]]['gen_image_path']})")
+    return None
 
 
-def score_manifest(manifest_path: str, metric: str, scorer) -> list[dict]:
-    """Score one manifest (or reuse its score file) and write X_<metric>.json atomically."""
+def cached_scores(manifest_path: str, metric: str, records: list[dict], images: list, identity: dict,
+                  recompute: bool = False) -> tuple[list[dict] | None, str | None]:
+    """(the scored records of this manifest's score file, None) when it can be reused, else
+    (None, why not); why is None when there is no score file."""
+    path = score_path(manifest_path, metric)
+    if not os.path.exists(path):
+        return None, None
+    if recompute:
+        return None, "--recompute"
+    reason = stale_reason(path, metric, records, images, identity)
+    if reason:
+        return None, reason
+    return checks.read_json(path, "score file")["records"], None
+
+
+def score_manifest(manifest_path: str, metric: str, scorer, records: list[dict], images: list,
+                   identity: dict) -> list[dict]:
+    """Score one manifest's records and write X_<metric>.json atomically, with what produced it."""
     from tqdm.auto import tqdm
 
-    records = load_manifest(manifest_path)
-    cached = cached_scores(manifest_path, metric, records)
-    if cached is not None:
-        return cached
     scored = []
     batch = max(1, getattr(scorer, "batch_size", 16))
     for i in tqdm(range(0, len(records), batch), desc=f"{metric}: {os.path.basename(manifest_path)}", unit="batch"):
         chunk = records[i : i + batch]
-        images = [open_image(resolve_image(r["gen_image_path"], manifest_path)) for r in chunk]
-        scores = scorer.score(images, [r["prompt"] for r in chunk])
+        pictures = [open_image(resolve_image(r["gen_image_path"], manifest_path)) for r in chunk]
+        scores = scorer.score(pictures, [r["prompt"] for r in chunk])
         scored += [{**r, "score": float(s)} for r, s in zip(chunk, scores)]
-    write_json_atomic(scored, score_path(manifest_path, metric))
+    write_json_atomic(score_file(metric, identity, images, scored), score_path(manifest_path, metric))
     return scored
 
 
-def parse_sources(pairs: list[str]) -> dict[str, dict[str, str]]:
-    """['pickscore.model=/x', ...] -> {'pickscore': {'model': '/x'}}."""
+def score_file(metric: str, identity: dict, images: list, scored: list[dict]) -> dict:
+    """A score file's content: the scored records with what produced them (see the module's doc)."""
+    return {"format": SCORE_FORMAT, "metric": metric, "scorer": identity, "images": images, "records": scored}
+
+
+def parse_sources(pairs: list[str], flag: str = "--source") -> dict[str, dict[str, str]]:
+    """['pickscore.model=/x', ...] -> {'pickscore': {'model': '/x'}}, each checked (eval.scorers.check_source)."""
     sources: dict[str, dict[str, str]] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         metric, dot, field = key.partition(".")
-        if not (sep and dot and metric in METRICS):
-            raise InputError(f"--source {pair!r}: expected METRIC.FIELD=VALUE with METRIC in {', '.join(METRICS)}")
+        if not (sep and dot and metric in METRICS and field):
+            raise InputError(f"{flag} {pair!r}: expected METRIC.FIELD=VALUE with METRIC in {', '.join(METRICS)}")
+        check_source(metric, field, value, flag)
+        if field in sources.get(metric, {}) and sources[metric][field] != value:
+            raise InputError(f"{flag} {key}: given twice, as {sources[metric][field]!r} and {value!r}")
         sources.setdefault(metric, {})[field] = value
     return sources
 
 
-def scorer_factory(metrics, device, batch_size, sources):
+def scorer_factory(metrics, device, batch_size, sources, flag="--source"):
     """Yield (metric, scorer) one at a time, freeing each model before loading the next."""
     for metric in metrics:
-        scorer = build_scorer(metric, device=device, batch_size=batch_size, **sources.get(metric, {}))
+        scorer = build_scorer(metric, device=device, batch_size=batch_size, flag=flag, **sources.get(metric, {}))
         yield metric, scorer
         del scorer
         gc.collect()
 
 
-def collect_scores(manifests, metrics, device, batch_size, sources) -> dict[tuple[str, str], list[dict]]:
-    """{(manifest, metric): scored records}: score files already there are reused; for what is
-    missing, each model is loaded once and scores every manifest that needs it."""
-    scored = {(m, metric): cached_scores(m, metric, load_manifest(m)) for m in manifests for metric in metrics}
+def collect_scores(manifests, metrics, device, batch_size, sources, recompute: bool = False,
+                   flags: dict[str, str] | None = None) -> dict[tuple[str, str], list[dict]]:
+    """{(manifest, metric): scored records}. Every manifest and image is checked first; score files
+    whose record matches are reused, the others are recomputed (with a line saying why), and for
+    those each model is loaded once and scores every manifest that needs it. `flags` names the
+    option that gave each manifest, for error messages."""
+    flags = flags or {}
+    records = {m: load_manifest(m, flags.get(m, "manifest")) for m in manifests}
+    images = {m: image_identities(records[m], m, flags.get(m, "manifest")) for m in manifests}
+    for folder in sorted({os.path.dirname(os.path.abspath(m)) for m in manifests}):
+        removed = remove_stale_temps(folder)
+        if removed:
+            print(f"removed {len(removed)} temporary file(s) left in {folder} by an interrupted run")
+    identities = {metric: scorer_identity(metric, sources.get(metric, {})) for metric in metrics}
+    scored = {}
+    for metric in metrics:
+        for m in manifests:
+            scored[(m, metric)], reason = cached_scores(m, metric, records[m], images[m], identities[metric], recompute)
+            if reason:
+                print(f"{score_path(m, metric)}: {reason}; scoring again")
     missing = [metric for metric in metrics if any(scored[(m, metric)] is None for m in manifests)]
     for metric, scorer in scorer_factory(missing, device, batch_size, sources):
         for m in manifests:
             if scored[(m, metric)] is None:
-                scored[(m, metric)] = score_manifest(m, metric, scorer)
+                scored[(m, metric)] = score_manifest(m, metric, scorer, records[m], images[m], identities[metric])
     return scored
 
 
-def score_all(manifests, metrics, device, batch_size, sources) -> dict[str, dict[str, float]]:
-    """Mean score per manifest and metric."""
-    scored = collect_scores(manifests, metrics, device, batch_size, sources)
-    return {m: {metric: sum(r["score"] for r in scored[(m, metric)]) / max(len(scored[(m, metric)]), 1)
+def score_all(manifests, metrics, device, batch_size, sources, recompute: bool = False,
+              flags: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+    """Mean score per manifest and metric (every manifest holds at least one record)."""
+    scored = collect_scores(manifests, metrics, device, batch_size, sources, recompute, flags)
+    return {m: {metric: sum(r["score"] for r in scored[(m, metric)]) / len(scored[(m, metric)])
                 for metric in metrics} for m in manifests}
 
 
@@ -141,28 +221,59 @@ def markdown_table(means: dict[str, dict[str, float]], metrics) -> str:
     return "\n".join(lines) + "\n"
 
 
+def table_json(means: dict[str, dict[str, float]], metrics) -> dict:
+    """The table's numbers: per manifest (a row of the markdown table, in its order) the suite
+    name, the manifest's absolute path, its number of images and the mean of each metric."""
+    return {"metrics": list(metrics),
+            "rows": [{"suite": os.path.splitext(os.path.basename(m))[0], "manifest": os.path.abspath(m),
+                      "images": len(load_manifest(m)), "means": {metric: row[metric] for metric in metrics}}
+                     for m, row in means.items()]}
+
+
+def write_table(means: dict[str, dict[str, float]], metrics, path: str) -> str:
+    """The table as markdown at `path` and as JSON (table_json) beside it, both written
+    atomically; returns the JSON's path."""
+    write_text_atomic(markdown_table(means, metrics), path)
+    json_path = os.path.splitext(path)[0] + ".json"
+    write_json_atomic(table_json(means, metrics), json_path)
+    return json_path
+
+
+def check_scoring_flags(metrics, batch_size: int, sources: list[str], batch_flag: str = "--batch_size"):
+    """The scoring flags every command shares; returns the parsed sources."""
+    checks.distinct(metrics, "--metrics")
+    checks.at_least_one(batch_size, batch_flag)
+    return parse_sources(sources)
+
+
+def add_scoring_flags(p, batch_flag: str = "--batch_size") -> None:
+    p.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
+    p.add_argument(batch_flag, type=int, default=16, help="images per scoring batch")
+    p.add_argument("--source", action="append", default=[], metavar="METRIC.FIELD=VALUE",
+                   help="model source override, e.g. pickscore.model=/models/PickScore_v1 (repeatable); "
+                        + "; ".join(f"{m}: {', '.join(fields)}" for m, fields in SOURCES.items()))
+
+
 @reports_input_errors
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = checks.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifests", nargs="+", help="generation manifests (X.json)")
-    p.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
+    add_scoring_flags(p)
     p.add_argument("--device", default=None, help="default: cuda if available")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--source", action="append", default=[], metavar="METRIC.FIELD=VALUE",
-                   help="model source override, e.g. pickscore.model=/models/PickScore_v1 (repeatable)")
     p.add_argument("--table", default=None, help="markdown table path (default: summary.md beside the first manifest)")
+    p.add_argument("--recompute", action="store_true", help="score everything again, reusing no score file")
     args = p.parse_args(argv)
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    means = score_all(args.manifests, args.metrics, device, args.batch_size, parse_sources(args.source))
-    table = markdown_table(means, args.metrics)
-    print(table)
+    sources = check_scoring_flags(args.metrics, args.batch_size, args.source)
+    device = checks.device(args.device)
+    for m in args.manifests:
+        load_manifest(m)  # before anything else is made or loaded
+        checks.writable_dir(os.path.dirname(os.path.abspath(m)), "the manifest's folder (where score files go)")
     path = args.table or os.path.join(os.path.dirname(os.path.abspath(args.manifests[0])), "summary.md")
-    with open(path, "w") as f:
-        f.write(table)
-    write_json_atomic(means, os.path.splitext(path)[0] + ".json")
-    print(f"table: {path}")
+    checks.writable_file(path, "--table")
+    means = score_all(args.manifests, args.metrics, device, args.batch_size, sources, args.recompute)
+    print(markdown_table(means, args.metrics))
+    json_path = write_table(means, args.metrics, path)
+    print(f"table: {path} and {json_path}")
     return means
 
 

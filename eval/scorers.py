@@ -17,15 +17,99 @@ Definitions (docs/methods.md, section "Evaluation protocol"):
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import urllib.request
 
 import torch
 import torch.nn.functional as F
 
-from sdpo.errors import InputError
+from sdpo.errors import InputError, first_line
 
 METRICS = ("pickscore", "hpsv2", "aesthetics", "clip", "imagereward")
+DEFAULT_AESTHETIC_MLP = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                         "sac%2Blogos%2Bava1-l14-linearMSE.pth")
+
+# Every model source of every metric (--source METRIC.FIELD=VALUE), its default and what it may be:
+#   pretrained: a local folder or a hub id (from_pretrained)
+#   fetch: a local file, a local folder holding the released file name, a URL or a hub id
+#   file: a local file        file_or_url: a local file or a URL        name: a name the library knows
+#   a tuple: one of these values        int: a positive integer
+SOURCES = {
+    "pickscore": {"model": ("yuvalkirstain/PickScore_v1", "pretrained"),
+                  "processor": ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "pretrained")},
+    "hpsv2": {"arch": ("ViT-H-14", "name"), "checkpoint": ("xswu/HPSv2", "fetch"),
+              "preprocess": ("open_clip", ("open_clip", "package")), "config": (None, "file")},
+    "aesthetics": {"clip": ("openai/clip-vit-large-patch14", "pretrained"), "mlp": (DEFAULT_AESTHETIC_MLP, "file_or_url")},
+    "clip": {"arch": ("ViT-H-14", "name"), "pretrained": ("laion2B-s32B-b79K", "name"), "checkpoint": (None, "file"),
+             "config": (None, "file")},
+    "imagereward": {"checkpoint": ("THUDM/ImageReward", "fetch"), "med_config": ("THUDM/ImageReward", "fetch"),
+                    "tokenizer": ("bert-base-uncased", "pretrained"), "vision_heads": ("16", "int")},
+}
+# A hub id: "owner/name", or a legacy one-part name such as "bert-base-uncased".
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def check_source(metric: str, field: str, value: str, flag: str = "--source") -> None:
+    """One --source value, checked without loading anything: a known field, and a value of the
+    field's kind (a local path that is not there fails here, not after other models loaded)."""
+    fields = SOURCES[metric]
+    where = f"{flag} {metric}.{field}={value}"
+    if field not in fields:
+        raise InputError(f"{flag} {metric}.{field}: {metric} has no source {field!r}; its sources are "
+                         f"{', '.join(fields)}")
+    if not value:
+        raise InputError(f"{where}: an empty value")
+    kind = fields[field][1]
+    exists = os.path.exists(value)
+    url = value.startswith(("http://", "https://"))
+    if isinstance(kind, tuple):
+        ok, need = value in kind, f"one of {', '.join(kind)}"
+    elif kind == "int":
+        ok, need = value.isdigit() and int(value) >= 1, "a positive integer"
+    elif kind == "file":
+        ok, need = os.path.isfile(value), "an existing file"
+    elif kind == "file_or_url":
+        ok, need = os.path.isfile(value) or url, "an existing file or a URL"
+    elif kind == "fetch":
+        ok, need = exists or url or HUB_NAME.fullmatch(value), \
+            "an existing file (or a folder holding it), a URL or a hub id (owner/name)"
+    elif kind == "pretrained":
+        ok, need = os.path.isdir(value) or (not exists and HUB_NAME.fullmatch(value)), \
+            "an existing folder or a hub id (owner/name)"
+    else:
+        ok, need = True, ""
+    if not ok:
+        if isinstance(kind, tuple) or kind == "int":
+            raise InputError(f"{where}: expected {need}")
+        got = "a folder" if os.path.isdir(value) else "a file" if exists else "not found"
+        raise InputError(f"{where}: {got}; expected {need}")
+
+
+def scorer_identity(metric: str, sources: dict[str, str] | None = None) -> dict:
+    """What a score depends on besides the image and the prompt: the metric, its definition's
+    version, and every model source (given or default), local ones with the size and mtime of
+    their files (eval.files.path_identity). Two equal identities score alike."""
+    from eval.files import path_identity
+
+    sources = sources or {}
+    given = {field: sources.get(field, default) for field, (default, _) in SOURCES[metric].items()}
+    return {"metric": metric, "version": SCORERS[metric].version,
+            "sources": {field: None if value is None else path_identity(value) for field, value in given.items()}}
+
+
+@contextlib.contextmanager
+def quiet_logging():
+    """Silence the logging module (up to ERROR) for the duration, then restore its setting."""
+    import logging
+
+    before = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(before)
 
 
 def _features(output) -> torch.Tensor:
@@ -42,20 +126,28 @@ def fetch(source: str, hub_filename: str | None = None) -> str:
         os.makedirs(cache, exist_ok=True)
         path = os.path.join(cache, os.path.basename(source).replace("%2B", "+"))
         if not os.path.isfile(path):
+            part = f"{path}.part{os.getpid()}"
             try:
-                urllib.request.urlretrieve(source, path + ".part")
+                urllib.request.urlretrieve(source, part)
+                os.replace(part, path)
             except OSError as err:
-                raise InputError(f"could not download {source}: {err}; give a local copy") from err
-            os.replace(path + ".part", path)
+                with contextlib.suppress(OSError):
+                    os.remove(part)
+                raise InputError(f"could not download {source}: {first_line(err)}; give a local copy") from None
         return path
-    if hub_filename:
+    if os.path.isdir(source):
+        if hub_filename and os.path.isfile(os.path.join(source, hub_filename)):
+            return os.path.join(source, hub_filename)
+        raise InputError(f"{source} is a folder{f' without {hub_filename}' if hub_filename else ''}; give the file")
+    if hub_filename and HUB_NAME.fullmatch(source):
         from huggingface_hub import hf_hub_download
 
         try:
             return hf_hub_download(source, hub_filename)
         except Exception as err:  # hub errors come in many types; all mean "not available"
-            raise InputError(f"could not fetch {hub_filename} from {source}: {err}; give a local copy") from err
-    raise InputError(f"{source} is not a file")
+            raise InputError(f"could not fetch {hub_filename} from {source}: {first_line(err)}; "
+                             f"give a local copy") from None
+    raise InputError(f"{source}: no such file")
 
 
 def load_state_dict(path: str) -> dict:
@@ -72,9 +164,23 @@ def load_state_dict(path: str) -> dict:
 
 class Scorer:
     name = ""
+    version = 1  # of the score's definition: a change that moves scores must bump it (old score files go stale)
 
-    def __init__(self, device: str = "cpu", batch_size: int = 16):
-        self.device, self.batch_size = torch.device(device), batch_size
+    def __init__(self, device: str = "cpu", batch_size: int = 16, flag: str = "--source"):
+        self.device, self.batch_size, self.flag = torch.device(device), batch_size, flag
+
+    @contextlib.contextmanager
+    def loading(self, field: str, value):
+        """Turn any failure to load a model source into one line naming `--source metric.field=value`."""
+        where = f"{self.flag} {self.name}.{field}={value}"
+        try:
+            yield
+        except InputError as err:
+            raise InputError(f"{where}: {err}") from None
+        except Exception as err:  # hub, file-system, pickle and format errors come in many types
+            lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+            text = lines[0] + (f" {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else "")
+            raise InputError(f"{where}: cannot load it ({text[:400]})") from None
 
     def score(self, images, prompts) -> list[float]:
         out = []
@@ -94,8 +200,10 @@ class PickScore(Scorer):
         super().__init__(**kw)
         from transformers import AutoModel, AutoProcessor
 
-        self.processor = AutoProcessor.from_pretrained(processor)
-        self.model = AutoModel.from_pretrained(model).to(self.device).eval()
+        with self.loading("processor", processor):
+            self.processor = AutoProcessor.from_pretrained(processor)
+        with self.loading("model", model):
+            self.model = AutoModel.from_pretrained(model).to(self.device).eval()
 
     def embeddings(self, images, prompts):
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
@@ -119,11 +227,24 @@ class OpenClipCosine(Scorer):
         import open_clip
 
         if config:  # a model-config JSON for an architecture open_clip does not ship
-            open_clip.add_model_config(config)
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            arch, pretrained=None if checkpoint else pretrained, device="cpu")
-        if checkpoint:
-            self.model.load_state_dict(load_state_dict(checkpoint))
+            with self.loading("config", config):
+                if not os.path.isfile(config):
+                    raise InputError("no such file")
+                open_clip.add_model_config(config)
+        with self.loading("arch", arch):
+            if open_clip.get_model_config(arch) is None:
+                raise InputError(f"open_clip has no architecture {arch!r}; give its model-config JSON with "
+                                 f"{self.flag} {self.name}.config=FILE")
+        # The weights are open_clip's `pretrained` argument (a tag or a file), so that open_clip
+        # loads them itself and does not report a randomly initialised model first.
+        field, weights = ("checkpoint", checkpoint) if checkpoint else ("pretrained", pretrained)
+        with self.loading(field, weights):
+            if not os.path.isfile(weights) and not open_clip.get_pretrained_cfg(arch, weights):
+                tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
+                raise InputError(f"neither a file nor a pretrained tag of {arch} (its tags: {tags})")
+            with quiet_logging():  # open_clip logs its failures, which the one-line error repeats
+                self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                    arch, pretrained=weights, device="cpu")
         self.model.to(self.device).eval()
         self.tokenizer = open_clip.get_tokenizer(arch)
 
@@ -145,9 +266,13 @@ class HPSv2(OpenClipCosine):
 
     name = "hpsv2"
 
-    def __init__(self, arch="ViT-H-14", checkpoint="xswu/HPSv2", preprocess="open_clip", **kw):
-        kw.pop("pretrained", None)  # the HPS checkpoint replaces every weight
-        super().__init__(arch=arch, checkpoint=fetch(checkpoint, "HPS_v2_compressed.pt"), **kw)
+    def __init__(self, arch="ViT-H-14", checkpoint="xswu/HPSv2", preprocess="open_clip", config=None, **kw):
+        if preprocess not in ("open_clip", "package"):
+            raise InputError(f"{kw.get('flag', '--source')} hpsv2.preprocess={preprocess}: must be open_clip or package")
+        self.flag = kw.get("flag", "--source")  # for self.loading, before Scorer.__init__ sets it
+        with self.loading("checkpoint", checkpoint):
+            path = fetch(checkpoint, "HPS_v2_compressed.pt")
+        super().__init__(arch=arch, checkpoint=path, config=config, **kw)  # the HPS checkpoint is every weight
         if preprocess == "package":
             from torchvision import transforms as T
 
@@ -159,8 +284,6 @@ class HPSv2(OpenClipCosine):
                 T.Normalize(self.model.visual.image_mean or (0.48145466, 0.4578275, 0.40821073),
                             self.model.visual.image_std or (0.26862954, 0.26130258, 0.27577711)),
             ])
-        elif preprocess != "open_clip":
-            raise InputError(f"hpsv2.preprocess must be open_clip or package, not {preprocess!r}")
 
 
 class AestheticMLP(torch.nn.Module):
@@ -190,16 +313,17 @@ def load_aesthetic_mlp(source: str, input_size: int = 768) -> AestheticMLP:
 
 class Aesthetics(Scorer):
     name = "aesthetics"
-    DEFAULT_MLP = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
-                   "sac%2Blogos%2Bava1-l14-linearMSE.pth")
+    DEFAULT_MLP = DEFAULT_AESTHETIC_MLP
 
     def __init__(self, clip="openai/clip-vit-large-patch14", mlp=DEFAULT_MLP, **kw):
         super().__init__(**kw)
         from transformers import CLIPImageProcessor, CLIPModel
 
-        self.processor = CLIPImageProcessor.from_pretrained(clip)
-        self.clip = CLIPModel.from_pretrained(clip).to(self.device).eval()
-        self.mlp = load_aesthetic_mlp(mlp, self.clip.config.projection_dim).to(self.device)
+        with self.loading("clip", clip):
+            self.processor = CLIPImageProcessor.from_pretrained(clip)
+            self.clip = CLIPModel.from_pretrained(clip).to(self.device).eval()
+        with self.loading("mlp", mlp):
+            self.mlp = load_aesthetic_mlp(mlp, self.clip.config.projection_dim).to(self.device)
 
     def score_batch(self, images, prompts):
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
@@ -217,11 +341,16 @@ class ImageReward(Scorer):
         super().__init__(**kw)
         from eval import imagereward as ir
 
-        state = load_state_dict(fetch(checkpoint, "ImageReward.pt"))
-        self.model = ir.ImageRewardModel(state, ir.load_med_config(fetch(med_config, "med_config.json")),
-                                         vision_heads=int(vision_heads)).to(self.device).eval()
+        with self.loading("vision_heads", vision_heads):
+            heads = int(vision_heads)
+        with self.loading("med_config", med_config):
+            med = ir.load_med_config(fetch(med_config, "med_config.json"))
+        with self.loading("checkpoint", checkpoint):
+            state = load_state_dict(fetch(checkpoint, "ImageReward.pt"))
+            self.model = ir.ImageRewardModel(state, med, vision_heads=heads).to(self.device).eval()
         self.preprocess = ir.preprocess(self.model.image_size)
-        self.tokenizer = ir.blip_tokenizer(tokenizer)
+        with self.loading("tokenizer", tokenizer):
+            self.tokenizer = ir.blip_tokenizer(tokenizer)
 
     def score_batch(self, images, prompts):
         tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
@@ -233,7 +362,11 @@ SCORERS = {"pickscore": PickScore, "hpsv2": HPSv2, "aesthetics": Aesthetics, "cl
            "imagereward": ImageReward}
 
 
-def build_scorer(metric: str, device: str = "cpu", batch_size: int = 16, **sources) -> Scorer:
+def build_scorer(metric: str, device: str = "cpu", batch_size: int = 16, flag: str = "--source", **sources) -> Scorer:
+    """The metric's scorer with its models loaded. `flag` is the option that set `sources`, named
+    in the one-line error when a source is unusable."""
     if metric not in SCORERS:
         raise InputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
-    return SCORERS[metric](device=device, batch_size=batch_size, **sources)
+    for field, value in sources.items():
+        check_source(metric, field, value, flag)
+    return SCORERS[metric](device=device, batch_size=batch_size, flag=flag, **sources)

@@ -9,7 +9,10 @@ For each metric:
 - beyond the reference, a 95% bootstrap interval of that win rate (pairs resampled, fixed seed)
   and a two-sided sign test p-value (ties left out).
 
-Outputs in --outdir:
+Score files are reused only when they record the same scorer and images (see eval.score);
+--recompute scores everything again.
+
+Outputs in --outdir (each written atomically):
 - pair_<metric>.json, and summary.json with the macro mean (unweighted over metrics) and the
   micro mean (weighted by pairs) of the win rates;
 - the table, printed;
@@ -28,9 +31,9 @@ from fractions import Fraction
 
 import numpy as np
 
-from eval.files import write_json_atomic
-from eval.score import collect_scores, load_manifest, parse_sources, resolve_image
-from eval.scorers import METRICS, SCORERS
+from eval import checks
+from eval.files import atomic_path, remove_stale_temps, write_json_atomic, write_text_atomic
+from eval.score import add_scoring_flags, check_scoring_flags, collect_scores, load_manifest, resolve_image
 from sdpo.errors import InputError, reports_input_errors
 
 BOOTSTRAP_SAMPLES = 10_000
@@ -160,7 +163,8 @@ def chart(summary: dict, path: str) -> None:
     ax.set_ylabel(f"win rate of {summary['pair']['model_a']} (%)")
     ax.set_title(f"{summary['pair']['model_a']} vs {summary['pair']['model_b']} (95% bootstrap intervals)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -209,19 +213,21 @@ def html_page(pair_results: dict[str, dict], summary: dict, outdir: str, manifes
                          f"<td>{img(r['image_b'], manifests[1])}<br><span class='{cb}'>{r['score_b']:.4f}</span></td></tr>")
         parts.append("</table>")
     path = os.path.join(outdir, "index.html")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts))
+    write_text_atomic("\n".join(parts), path)
     return path
 
 
 # ---- the command -------------------------------------------------------------------------------
 
 
-def versus(json_a, json_b, label_a, label_b, outdir, metrics, device, batch_size, sources) -> dict:
-    for path in (json_a, json_b):
-        load_manifest(path)  # fail early, naming the file
-    os.makedirs(outdir, exist_ok=True)
-    scored = collect_scores([json_a, json_b], metrics, device, batch_size, sources)
+def versus(json_a, json_b, label_a, label_b, outdir, metrics, device, batch_size, sources,
+           recompute: bool = False) -> dict:
+    for path, flag in ((json_a, "--json_a"), (json_b, "--json_b")):
+        load_manifest(path, flag)  # fail early, naming the flag and the file
+    checks.writable_dir(outdir, "--outdir")
+    remove_stale_temps(outdir)
+    scored = collect_scores([json_a, json_b], metrics, device, batch_size, sources, recompute,
+                            flags={json_a: "--json_a", json_b: "--json_b"})
     pair_results = {}
     for metric in metrics:
         pair_results[metric] = compare(scored[(json_a, metric)], scored[(json_b, metric)], label_a, label_b)
@@ -237,26 +243,28 @@ def versus(json_a, json_b, label_a, label_b, outdir, metrics, device, batch_size
 
 @reports_input_errors
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json_a", required=True)
-    p.add_argument("--json_b", required=True)
+    p = checks.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json_a", required=True, help="manifest of model A")
+    p.add_argument("--json_b", required=True, help="manifest of model B")
     p.add_argument("--label_a", default=None)
     p.add_argument("--label_b", default=None)
     p.add_argument("--outdir", default=None, help="default: versus/<label_a>_vs_<label_b>")
-    p.add_argument("--metrics", nargs="+", default=list(SCORERS), choices=METRICS)
+    add_scoring_flags(p)
     p.add_argument("--device", default=None, help="default: cuda if available")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--source", action="append", default=[], metavar="METRIC.FIELD=VALUE",
-                   help="model source override (see eval.score); repeatable")
+    p.add_argument("--recompute", action="store_true", help="score everything again, reusing no score file")
     args = p.parse_args(argv)
-    import torch
-
+    sources = check_scoring_flags(args.metrics, args.batch_size, args.source)
+    device = checks.device(args.device)
+    for flag in ("--label_a", "--label_b"):
+        value = getattr(args, flag[2:])
+        checks.check(value is None or value.strip() != "", f"{flag}: an empty label")
+    checks.check(os.path.abspath(args.json_a) != os.path.abspath(args.json_b),
+                 f"--json_a and --json_b are the same manifest ({args.json_a}): compare two models' manifests")
     label_a = args.label_a or os.path.splitext(os.path.basename(args.json_a))[0] + "_A"
     label_b = args.label_b or os.path.splitext(os.path.basename(args.json_b))[0] + "_B"
     outdir = args.outdir or os.path.join("versus", f"{label_a}_vs_{label_b}".replace(os.sep, "_"))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return versus(args.json_a, args.json_b, label_a, label_b, outdir, args.metrics, device, args.batch_size,
-                  parse_sources(args.source))
+                  sources, args.recompute)
 
 
 if __name__ == "__main__":

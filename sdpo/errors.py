@@ -41,9 +41,8 @@ def reports_input_errors(main):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (`error: ...`, exit status 2) instead of the usage and
-    then the error."""
+    """argparse whose usage errors (an unknown flag, a value that is not a number, a choice not
+    offered) are InputErrors: one `error:` line and exit status 2, like every other bad input."""
 
     def error(self, message):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
+        raise InputError(f"{message} (see {self.prog} --help)")

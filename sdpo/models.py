@@ -137,7 +137,8 @@ def _read_state_dict(path: str, flag: str) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_unet(spec: str, base: str, flag: str = "--unet_path", **hub):
+def load_unet(spec: str, base: str, flag: str = "--unet_path", base_flag: str = "--pretrained_model_name_or_path",
+              **hub):
     """A UNet from any of the forms checkpoints come in, checked against the base pipeline's UNet:
 
     - "base": the base pipeline's own UNet;
@@ -150,22 +151,22 @@ def load_unet(spec: str, base: str, flag: str = "--unet_path", **hub):
     from diffusers import UNet2DConditionModel
 
     if spec == "base":
-        return pretrained(UNet2DConditionModel, base, "--pretrained_model_name_or_path", "unet", **hub)
+        return pretrained(UNet2DConditionModel, base, base_flag, "unet", **hub)
     if os.path.isdir(spec):
         for folder in (os.path.join(spec, "unet"), spec):
             if os.path.isfile(os.path.join(folder, "config.json")):
                 unet = pretrained(UNet2DConditionModel, folder, f"{flag} {spec}")
-                check_same_shapes(unet, base_unet_shapes(base, **hub), f"{flag} {spec}", f"the UNet of {base}")
+                check_same_shapes(unet, base_unet_shapes(base, base_flag, **hub), f"{flag} {spec}", f"the UNet of {base}")
                 return unet
         raise InputError(f"{flag} {spec}: a folder that holds no diffusers UNet (no config.json, no unet/config.json)")
     if not os.path.isfile(spec):
         raise InputError(f"{flag} {spec!r}: not found (give 'base', a folder, a .safetensors or a .pth file)")
     state = _read_state_dict(spec, flag)
-    mismatch = first_shape_mismatch(state, base_unet_shapes(base, **hub).state_dict())
+    mismatch = first_shape_mismatch(state, base_unet_shapes(base, base_flag, **hub).state_dict())
     if mismatch:
         key, got, expected = mismatch
         raise InputError(f"{flag} {spec} does not fit the UNet of {base}: parameter {key} is {got} there, "
                          f"{expected} in the model")
-    unet = pretrained(UNet2DConditionModel, base, "--pretrained_model_name_or_path", "unet", **hub)
+    unet = pretrained(UNet2DConditionModel, base, base_flag, "unet", **hub)
     unet.load_state_dict(state)
     return unet

@@ -104,7 +104,8 @@ def test_eval_launchers_end_to_end(tiny, suite, tmp_path):
     manifest_b = str(tmp_path / "base" / "papv2_seed0_32x32_2s_7.5cfg.json")
     for metric in ("pickscore", "hpsv2", "aesthetics", "clip", "imagereward"):
         scored = json.load(open(manifest_b.replace(".json", f"_{metric}.json")))
-        assert len(scored) == 4 and all(isinstance(r["score"], float) for r in scored)
+        assert scored["metric"] == metric and len(scored["images"]) == 4
+        assert len(scored["records"]) == 4 and all(isinstance(r["score"], float) for r in scored["records"])
     torch.manual_seed(0)
     state = {k: v + 0.05 * torch.randn_like(v) for k, v in load_unet("base", tiny["sd15"]).state_dict().items()}
     torch.save(state, tmp_path / "unet.pth")
@@ -130,4 +131,4 @@ def test_sdxl_eval_launcher(tiny, suite, tmp_path):
                     "--output_path", str(tmp_path / "xl"), *sources)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| papv2_seed0_32x32_2s_7.5cfg |" in result.stdout
-    assert len(json.load(open(tmp_path / "xl" / "papv2_seed0_32x32_2s_7.5cfg_clip.json"))) == 2
+    assert len(json.load(open(tmp_path / "xl" / "papv2_seed0_32x32_2s_7.5cfg_clip.json"))["records"]) == 2

@@ -396,7 +396,7 @@ def test_choice_model_takes_the_reference_names():
              "imagereward": "imagereward", "hpsv2": "hpsv2", "": None}
     for given, expected in names.items():
         assert train.parse_args([*base, "--choice_model", given]).choice_model == expected
-    with pytest.raises(SystemExit):
+    with pytest.raises(InputError, match="unknown choice model 'nope'"):
         train.parse_args([*base, "--choice_model", "nope"])
 
 

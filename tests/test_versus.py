@@ -66,8 +66,12 @@ def test_no_common_prompt_is_an_error():
 
 
 def test_versus_reuses_score_files_without_loading_models(tmp_path, capsys):
-    """With X_<metric>.json already there, nothing is scored: the outputs come from the files."""
+    """With X_<metric>.json already there, made by this scorer for these images, nothing is scored:
+    the outputs come from the files."""
     from PIL import Image
+
+    from eval.score import image_identities, score_file
+    from eval.scorers import scorer_identity
 
     manifests = []
     for side, scores in (("a", [0.3, 0.9, 0.5]), ("b", [0.4, 0.1, 0.5])):
@@ -80,7 +84,9 @@ def test_versus_reuses_score_files_without_loading_models(tmp_path, capsys):
                             "raw_image_path": "", "metadata": {}})
         manifest = str(folder) + ".json"
         json.dump(records, open(manifest, "w"))
-        json.dump([{**r, "score": s} for r, s in zip(records, scores)], open(str(folder) + "_clip.json", "w"))
+        scored = [{**r, "score": s} for r, s in zip(records, scores)]
+        content = score_file("clip", scorer_identity("clip"), image_identities(records, manifest), scored)
+        json.dump(content, open(str(folder) + "_clip.json", "w"))
         manifests.append(manifest)
     out = tmp_path / "vs"
     summary = main(["--json_a", manifests[0], "--json_b", manifests[1], "--label_a", "A", "--label_b", "B",
@@ -89,4 +95,5 @@ def test_versus_reuses_score_files_without_loading_models(tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["index.html", "pair_clip.json", "summary.json", "winrates.png"]
     page = (out / "index.html").read_text()
     assert page.count("<img src=") == 1 + 3 * 2 and "../a/suite_seed0_8x8_1s_7.5cfg/1_8x8.png" in page
-    assert "| clip |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| clip |" in out and "scoring again" not in out

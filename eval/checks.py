@@ -1,0 +1,121 @@
+"""Checks of what users type into the evaluation commands, each failing with one InputError line
+that names the flag and the problem (the entry points turn it into `error: ...` and exit status 2).
+
+They run before any model is loaded, so a typo costs seconds, not a model load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+
+from sdpo.errors import ArgumentParser, InputError, first_line
+
+
+Parser = ArgumentParser  # usage errors are InputErrors: one `error:` line, exit status 2
+
+
+def check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InputError(message)
+
+
+def at_least_one(value, flag: str) -> None:
+    if value is not None:
+        check(value >= 1, f"{flag} must be at least 1, got {value}")
+
+
+def image_size(value: int, flag: str) -> None:
+    """Heights and widths: a positive multiple of 8, what the Stable Diffusion VAEs need (they
+    downsample by 8; the latent must have whole pixels)."""
+    check(value >= 8 and value % 8 == 0, f"{flag} must be a positive multiple of 8 (the VAE works on 8x8 pixel "
+                                         f"blocks), got {value}")
+
+
+def seed(value: int, flag: str = "--seed") -> None:
+    check(0 <= value < 2**64, f"{flag} must lie in [0, 2**64), got {value}")
+
+
+def guidance(value: float, flag: str = "--cfg") -> None:
+    """cfg scales pred_cond - pred_uncond: 0 is the conditional prediction alone (no guidance);
+    a negative value would push away from the prompt, which no evaluation means."""
+    check(math.isfinite(value) and value >= 0, f"{flag} must be a finite number >= 0 (0: no guidance), got {value}")
+
+
+def distinct(values, flag: str) -> None:
+    seen = set()
+    for value in values:
+        check(value not in seen, f"{flag}: {value} is given twice")
+        seen.add(value)
+
+
+def device(value: str | None, flag: str = "--device") -> str:
+    """The device to run on: the given one, checked to exist here, or cuda when there is one."""
+    import torch
+
+    if value is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"{flag} {value!r}: not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        check(count > 0, f"{flag} {value}: CUDA is not available on this machine")
+        check(dev.index is None or dev.index < count, f"{flag} {value}: this machine has {count} CUDA device(s)")
+    elif dev.type == "mps":
+        check(torch.backends.mps.is_available(), f"{flag} {value}: MPS is not available on this machine")
+    else:
+        check(dev.type == "cpu", f"{flag} {value}: not a device to evaluate on; use cpu, cuda, cuda:N or mps")
+    return value
+
+
+def writable_dir(path: str, flag: str) -> str:
+    """Make the folder `path` (and its parents) and prove it writable by writing and removing a
+    probe file: a path that is a file, lies under a file, or is read-only fails here, before
+    anything is loaded. Returns the path."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        raise InputError(f"{flag} {path}: a file is in the way (a folder is needed)") from None
+    except NotADirectoryError:
+        raise InputError(f"{flag} {path}: lies under a file, not a folder") from None
+    except OSError as err:
+        raise InputError(f"{flag} {path}: cannot create the folder ({err.strerror or first_line(err)})") from None
+    probe = os.path.join(path, f".write-probe.tmp{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("probe")
+    except OSError as err:
+        raise InputError(f"{flag} {path}: cannot write there ({err.strerror or first_line(err)})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+    return path
+
+
+def writable_file(path: str, flag: str) -> str:
+    """A file to (re)write: not a folder, in a writable folder."""
+    check(not os.path.isdir(path), f"{flag} {path}: a folder, not a file")
+    writable_dir(os.path.dirname(os.path.abspath(path)), flag)
+    return path
+
+
+def read_json(path: str, flag: str):
+    """A JSON file's content, or one line saying why it cannot be read."""
+    if os.path.isdir(path):
+        raise InputError(f"{flag} {path}: a folder, not a JSON file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{flag} {path}: no such file") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{flag} {path}: not UTF-8 text ({first_line(err)})") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"{flag} {path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}; "
+                         f"truncated or not a JSON file?)") from None
+    except OSError as err:
+        raise InputError(f"{flag} {path}: cannot read it ({err.strerror or first_line(err)})") from None
