@@ -866,21 +866,10 @@ def save_final(run: Run) -> None:
         logger.info("saved the trained UNet to %s", final)
 
 
-class _DropMessage(logging.Filter):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record):
-        return self.text not in record.getMessage()
-
-
 def quiet_libraries() -> None:
-    """Library loggers at WARNING, without a warning that every cast of a frozen model prints
-    (diffusers' "modules ... should be kept in float32: []", about an empty list)."""
+    """Library loggers at WARNING (sdpo.models drops diffusers' warning about an empty list)."""
     for name in ("diffusers", "transformers", "datasets", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropMessage("should be kept in float32: []"))
 
 
 def make_accelerator(args, mixed_precision: str):

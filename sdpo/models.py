@@ -11,6 +11,7 @@ becomes conditioning is in `sdpo.conditioning`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 
@@ -19,6 +20,17 @@ import torch
 from sdpo.errors import InputError, first_line
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class _DropEmptyFloat32Warning(logging.Filter):
+    """diffusers warns at every `.to(dtype)` of a model that "modules ... should be kept in float32:
+    []", about an empty list: noise at every cast of a frozen model, dropped here."""
+
+    def filter(self, record):
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropEmptyFloat32Warning())
 
 
 def check_source(source: str, flag: str) -> None:
