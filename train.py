@@ -26,9 +26,9 @@ import torch
 
 from sdpo import checkpoints, models
 from sdpo.conditioning import PromptEncoder
-from sdpo.data import build_dataloader, next_batch, order_by_scores
+from sdpo.data import PairBatch, build_dataloader, next_batch
 from sdpo.errors import ArgumentParser, InputError, RunStopped, reports_input_errors
-from sdpo.files import check_output_dir
+from sdpo.files import check_output_dir, write_json_atomic, write_text_atomic
 from sdpo.losses import check_mu, preference_loss, sft_loss, winner_preserving_scale
 from sdpo.timesteps import MODES, log_importance_weights, pair_log_weights, pair_weights, timestep_range
 
@@ -81,6 +81,8 @@ def parse_args(argv=None):
     a("--sdxl_true_time_ids", action="store_true",
       help="SDXL: each image's original size and crop as time ids (the reference fixes (res, res, 0, 0, res, res))")
     a("--dataloader_num_workers", type=int, default=0, help="dataloader worker processes")
+    a("--latent_cache", default=None, metavar="DIR",
+      help="train from a latent cache built by python -m sdpo.cache with the same flags: no VAE, no image decoding")
     # objective
     a("--train_method", default="diffusion-dpo", choices=["diffusion-dpo", "dspo", "dmpo", "sft"])
     a("--beta_dpo", type=float, default=5000.0, help="beta of the preference logit (5000 for diffusion, not 0.1)")
@@ -123,6 +125,7 @@ def parse_args(argv=None):
     a("--mixed_precision", default="fp16", choices=["no", "fp16", "bf16"],
       help="fp16 falls back to 'no' on CPU; bf16 runs on CPU under CPU autocast")
     a("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs")
+    a("--compile", action="store_true", help="torch.compile the policy and reference UNets")
     a("--seed", type=int, default=None,
       help="seed; process i is seeded with seed + i, as the reference (default: random, recorded in "
            "train_config.json and checkpoints)")
@@ -191,7 +194,9 @@ def validate(args):
           f"--max_train_steps must be >= 0 (0: --num_train_epochs passes over the data), got {args.max_train_steps}")
     check(args.resolution >= 8 and args.resolution % 8 == 0,
           f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
-    check(args.seed is None or args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
+    check(args.seed is None or 0 <= args.seed < 2**32, f"--seed must lie in [0, 2**32), got {args.seed}")
+    for flag in ("beta_dpo", "learning_rate", "adam_weight_decay", "adam_epsilon"):
+        check(math.isfinite(getattr(args, flag)), f"--{flag} must be a finite number, got {getattr(args, flag)}")
     # The objective.
     check(args.train_method == "sft" or args.beta_dpo > 0,
           f"--beta_dpo must be > 0, got {args.beta_dpo}: a negative beta prefers the losers and 0 removes the "
@@ -217,11 +222,17 @@ def validate(args):
     check(not (args.streaming and args.max_train_steps is None), "--streaming needs --max_train_steps")
     check(not (args.streaming and args.validation_pairs), "--validation_pairs needs a map-style dataset, not --streaming")
     check(not (args.sdxl_true_time_ids and not args.sdxl), "--sdxl_true_time_ids needs --sdxl")
+    if args.latent_cache:
+        for flag, used in (("--random_crop", args.random_crop), ("--streaming", args.streaming),
+                           ("--choice_model", args.choice_model), ("--validation_split", args.validation_split)):
+            check(not used, f"--latent_cache cannot be combined with {flag}: train from the images for it")
+    check(not (args.choice_model and args.streaming), "--choice_model scores every pair before training; it needs a "
+                                                      "map-style dataset, not --streaming")
     check(args.image_column is None,
           "--image_column: preference pairs are read from the columns jpg_0 and jpg_1 (the reference ignores "
           "--image_column for pairs too); rename your dataset's image columns to jpg_0 and jpg_1")
     if args.choice_model:
-        from eval.score import parse_sources
+        from eval.scorers import parse_sources
 
         parse_sources(args.choice_model_source, flag="--choice_model_source")
     if args.report_to in ("wandb",):
@@ -238,8 +249,15 @@ def validate(args):
     for flag in ("pretrained_vae_model_name_or_path", "unet_init", "ref_unet"):
         value = getattr(args, flag)
         if value and value != "base" and not os.path.exists(value) and not models.HUB_ID.fullmatch(value):
-            raise InputError(f"--{flag} {value!r}: not found")
+            raise InputError(f"--{flag} {value!r}: not found (give a local path or a hub id)")
     check_output_dir(args.output_dir, "--output_dir")
+    if args.report_to != "none":
+        check_output_dir(os.path.join(args.output_dir, args.logging_dir), "--logging_dir")
+    if args.cache_dir:
+        check_output_dir(args.cache_dir, "--cache_dir")
+    check(not (args.validation_split and args.validation_split == args.split),
+          f"--validation_split {args.validation_split} is the training split: its pairs would be trained on; hold "
+          f"pairs out with --validation_pairs alone, or name another split")
     name = args.pretrained_model_name_or_path.lower()
     if "turbo" in name or "refiner" in name:
         logger.warning("the reference switches to special timesteps for models whose name contains 'turbo' or "
@@ -255,13 +273,16 @@ def reference_spec(args) -> str:
 
 
 def load_models(args):
-    """Tokenizers, text encoders, VAE, policy UNet and (unless sft) reference UNet."""
+    """Tokenizers, text encoders, VAE (none when a latent cache replaces it and no validation
+    image needs decoding), policy UNet and (unless sft) reference UNet."""
     import copy
 
     base = args.pretrained_model_name_or_path
     hub = dict(revision=args.revision, cache_dir=args.cache_dir)
     tokenizers, text_encoders = models.load_text_side(base, args.sdxl, **hub)
-    vae = models.load_vae(base, args.pretrained_vae_model_name_or_path, **hub)
+    vae = None
+    if not args.latent_cache or (args.validation_prompts and args.num_validation_images):
+        vae = models.load_vae(base, args.pretrained_vae_model_name_or_path, **hub)
     policy_spec = args.unet_init or "base"
     unet = models.load_unet(policy_spec, base, "--unet_init", **hub)
     ref_unet = None
@@ -274,14 +295,16 @@ def load_models(args):
     return tokenizers, text_encoders, vae, unet, ref_unet
 
 
-def build_optimizer(args, params, lr):
+def build_optimizer(args, params, lr, device=None):
+    """Adafactor as the reference sets it up, or AdamW (fused on a GPU: one kernel per step)."""
     if args.use_adafactor:
         from transformers.optimization import Adafactor
 
         return Adafactor(params, lr=lr, weight_decay=args.adam_weight_decay, clip_threshold=1.0,
                          scale_parameter=False, relative_step=False)
+    fused = device is not None and device.type == "cuda"
     return torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=fused or None)
 
 
 # ---- one micro-batch -------------------------------------------------------------------------
@@ -291,8 +314,8 @@ class Step:
     """Computes the loss of one micro-batch; everything it needs is fixed for the run."""
 
     def __init__(self, args, accelerator, unet, ref_unet, vae, prompt_encoder, noise_scheduler, weight_dtype,
-                 timesteps: tuple[int, int], chooser=None):
-        self.args, self.accelerator, self.chooser = args, accelerator, chooser
+                 timesteps: tuple[int, int], scaling_factor: float):
+        self.args, self.accelerator = args, accelerator
         self.unet, self.ref_unet, self.vae = unet, ref_unet, vae
         self.prompt_encoder, self.noise_scheduler, self.weight_dtype = prompt_encoder, noise_scheduler, weight_dtype
         self.t_lo, self.t_hi = timesteps  # draw t from [t_lo, t_hi)
@@ -305,27 +328,41 @@ class Step:
         # of these in fp32 instead.
         self.reference_numerics = args.loss_precision == "reference"
         self.latent_dtype = weight_dtype if self.reference_numerics else torch.float32
+        self.device = accelerator.device  # the benchmark counts FLOPs on the meta device
+        self.scaling_factor = scaling_factor
 
-    def latent_distribution(self, pixels):
-        """(B, k, 3, H, W) pixels -> the VAE's posterior over the kB latents, winners first."""
-        B, k = pixels.shape[:2]
-        pixels = pixels.transpose(0, 1).reshape(B * k, *pixels.shape[2:])
+    def posterior(self, batch: PairBatch):
+        """The VAE's posterior (mean, std) over the kB latents of a batch, winners first: encoded
+        from the pixels, or read from the latent cache (no VAE)."""
+        def winners_first(x):  # (B, k, ...) -> (kB, ...)
+            return x.to(self.device, non_blocking=True).transpose(0, 1).reshape(-1, *x.shape[2:])
+
+        if batch.latent_mean is not None:
+            return winners_first(batch.latent_mean), winners_first(batch.latent_std)
         with torch.no_grad():
-            return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+            dist = self.vae.encode(winners_first(batch.pixels).to(self.vae.dtype)).latent_dist
+        return dist.mean, dist.std
+
+    def sample_latents(self, mean, std):
+        """What `latent_dist.sample()` draws (the same call on the same random stream), scaled."""
+        sample = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+        return self.scale_latents(sample)
 
     def scale_latents(self, latents):
-        return latents.to(self.latent_dtype) * self.vae.config.scaling_factor
+        # Contiguous whatever the VAE's output layout, so that the UNet sees the same memory layout
+        # (and so computes the same bits) from the images and from the latent cache.
+        return (latents.to(self.latent_dtype) * self.scaling_factor).contiguous()
 
-    def predict(self, latents, noise, t, captions, time_ids=None, with_grad=True):
-        """(model_pred, ref_pred or None, target) for kB latents, their noise and timesteps."""
-        args, device = self.args, self.accelerator.device
-        k = latents.shape[0] // len(captions)
+    def predict(self, latents, noise, t, batch: PairBatch, with_grad=True):
+        """(model_pred, ref_pred or None, target) for a batch's kB latents, noise and timesteps."""
+        args, device = self.args, self.device
+        k = latents.shape[0] // len(batch)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
         # The caption is encoded once and shared by both branches and both UNets.
-        cond = self.prompt_encoder(captions, device, self.weight_dtype).repeat(k)
-        if args.sdxl and args.sdxl_true_time_ids and time_ids is not None:  # (B, k, 6) -> winners', losers' rows
-            cond.time_ids = time_ids.transpose(0, 1).reshape(-1, 6).to(device, cond.time_ids.dtype)
+        cond = self.prompt_encoder(batch.captions, device, self.weight_dtype, ids=batch.caption_ids).repeat(k)
+        if args.sdxl and args.sdxl_true_time_ids:  # (B, k, 6) -> winners' then losers' rows
+            cond.time_ids = batch.time_ids.transpose(0, 1).reshape(-1, 6).to(device, cond.time_ids.dtype)
         cond = cond.unet_kwargs()
         with torch.set_grad_enabled(with_grad), self.accelerator.autocast():
             model_pred = self.unet(noisy, t, **cond).sample
@@ -360,24 +397,19 @@ class Step:
         )
         return loss, {**loss_stats, **stats}
 
-    def __call__(self, batch):
-        args, device = self.args, self.accelerator.device
-        pixels = batch["pixels"].to(device, non_blocking=True)  # (B, k, 3, H, W): k = 2 (winner, loser) or 1 (sft)
-        B, k = pixels.shape[:2]
-        time_ids = batch["time_ids"]
-        if self.chooser is not None:  # AI feedback: the scorer decides which image of each pair wins
-            images, captions = batch["raw_images"], batch["raw_captions"]
-            scores = self.chooser.score([im for pair in images for im in pair], [c for c in captions for _ in (0, 1)])
-            scores_0, scores_1 = scores[0::2], scores[1::2]
-            pixels = order_by_scores(pixels, scores_0, scores_1)
-            time_ids = order_by_scores(time_ids, scores_0, scores_1)
-        latents = self.scale_latents(self.latent_distribution(pixels).sample())
+    def __call__(self, batch: PairBatch):
+        args = self.args
+        B, k = batch.time_ids.shape[:2]  # k = 2 (winner, loser) or 1 (sft)
+        latents = self.sample_latents(*self.posterior(batch))
         # One timestep and one noise per pair, shared by its winner and loser. The noise is drawn in
         # fp32 and then rounded to the latents' dtype, so both --loss_precision modes see the same draws.
         noise = torch.randn_like(latents[:B], dtype=torch.float32).to(latents.dtype).repeat(k, 1, 1, 1)
-        t = torch.randint(self.t_lo, self.t_hi, (B,), device=device).repeat(k)
-        model_pred, ref_pred, target = self.predict(latents, noise, t, batch["captions"], time_ids)
+        t = torch.randint(self.t_lo, self.t_hi, (B,), device=self.device).repeat(k)
+        model_pred, ref_pred, target = self.predict(latents, noise, t, batch)
         return self.losses(model_pred, ref_pred, target, t, args.timestep_weighting, args.use_winner_preserving)
+
+
+VALIDATION_NOISE_SEED = 1_000_003  # the held-out noise does not depend on --seed: runs stay comparable
 
 
 class Validation:
@@ -392,8 +424,8 @@ class Validation:
 
     METRICS = ("implicit_acc", "winner_minus_ref", "loser_minus_ref", "logit", "loss", "model_mse")
 
-    def __init__(self, step: Step, dataset, num_timesteps: int, seed: int):
-        self.step, self.dataset, self.seed = step, dataset, seed
+    def __init__(self, step: Step, dataset, num_timesteps: int):
+        self.step, self.dataset = step, dataset
         lo, hi = step.t_lo, step.t_hi
         self.timesteps = [lo + (2 * i + 1) * (hi - lo) // (2 * num_timesteps) for i in range(num_timesteps)]
 
@@ -402,28 +434,24 @@ class Validation:
         from sdpo.data import collate_pairs
 
         step, accelerator = self.step, self.step.accelerator
-        device, batch_size = accelerator.device, step.args.train_batch_size
+        device, batch_size = step.device, step.args.train_batch_size
         mine = list(range(accelerator.process_index, len(self.dataset), accelerator.num_processes))
         totals = torch.zeros(len(self.METRICS) + 1, dtype=torch.float64, device=device)
         for start in range(0, len(mine), batch_size):
             indices = mine[start : start + batch_size]
             batch = collate_pairs([self.dataset[(0, i)] for i in indices])
-            pixels = batch["pixels"].to(device)
-            B, k = pixels.shape[:2]
-            posterior = step.latent_distribution(pixels)
-            draws = [torch.Generator().manual_seed(self.seed * 1_000_003 + i) for i in indices]
-            shape = posterior.mean.shape[1:]
+            B, k = batch.time_ids.shape[:2]
+            mean, std = step.posterior(batch)
+            draws = [torch.Generator().manual_seed(VALIDATION_NOISE_SEED + i) for i in indices]
+            shape = mean.shape[1:]
             # Per pair: its images' posterior noise, then one noise tensor per timestep.
             posterior_noise = torch.stack([torch.randn((k, *shape), generator=g) for g in draws], dim=1)
-            latents = posterior.mean + posterior.std * posterior_noise.reshape(B * k, *shape).to(device,
-                                                                                                 posterior.mean.dtype)
-            latents = step.scale_latents(latents)
+            latents = step.scale_latents(mean + std * posterior_noise.reshape(B * k, *shape).to(device, mean.dtype))
             for t_value in self.timesteps:
                 noise = torch.stack([torch.randn(shape, generator=g) for g in draws]).to(device, latents.dtype)
                 noise = noise.repeat(k, 1, 1, 1)
                 t = torch.full((B * k,), t_value, device=device, dtype=torch.long)
-                model_pred, ref_pred, target = step.predict(latents, noise, t, batch["captions"], batch["time_ids"],
-                                                            with_grad=False)
+                model_pred, ref_pred, target = step.predict(latents, noise, t, batch, with_grad=False)
                 loss, stats = step.losses(model_pred, ref_pred, target, t, "none", safeguard=False)
                 if ref_pred is not None:
                     from sdpo.losses import per_sample_mse, preference_logit
@@ -465,7 +493,7 @@ def run_config(args, num_processes: int, mixed_precision: str, timesteps: tuple[
         "mixed_precision_used": mixed_precision,
         "weight_dtype": str(WEIGHT_DTYPES.get(mixed_precision, torch.float32)).removeprefix("torch."),
         "loss_precision": args.loss_precision,
-        "process_seeds": "seed + process index (as the reference)",
+        "process_seeds": [args.seed + i for i in range(world)],  # seed + process index, as the reference
         "seed_of_process_0": args.seed,
         "timestep_range": list(timesteps),
         "policy_unet": args.unet_init or "base",
@@ -485,13 +513,18 @@ RESUMABLE_CHANGES = {
     "output_dir", "logging_dir", "report_to", "tracker_project_name", "checkpointing_steps",
     "checkpoints_total_limit", "resume_from_checkpoint", "cache_dir", "dataloader_num_workers",
     "max_train_steps", "num_train_epochs", "gradient_checkpointing", "max_skipped_steps", "validation_steps",
-    "validation_prompts", "num_validation_images", "validation_sampling_steps", "derived",
+    "validation_timesteps", "validation_prompts", "num_validation_images", "validation_sampling_steps", "derived",
 }
+PATH_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset_name", "unet_init",
+                 "ref_unet", "latent_cache")
 
 
 def result_settings(config: dict) -> dict:
     """The settings that change a run's result (see RESUMABLE_CHANGES), JSON-normalised."""
     kept = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+    for key in PATH_SETTINGS:  # the same folder however it is spelled
+        if kept.get(key) and os.path.exists(kept[key]):
+            kept[key] = os.path.realpath(kept[key])
     kept["num_processes"] = config["derived"]["num_processes"]
     return json.loads(json.dumps(kept))
 
@@ -561,6 +594,7 @@ class Inputs:
     validation_pairs: object
     start_step: int
     resume_path: str | None
+    scaling_factor: float | None = None  # the VAE's, read from the latent cache when there is one
 
 
 def check_inputs(args, num_processes: int, rank: int, mixed_precision: str) -> Inputs:
@@ -571,27 +605,73 @@ def check_inputs(args, num_processes: int, rank: int, mixed_precision: str) -> I
     resume_path = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     resume_state = None
     if resume_path:
-        with open(os.path.join(resume_path, checkpoints.STATE_FILE)) as f:
-            resume_state = json.load(f)
+        resume_state = checkpoints.read_state(resume_path)
+        checkpoints.check_readable(resume_path)
         args.seed = resume_state["seed"] if args.seed is None else args.seed
+    elif not args.resume_from_checkpoint and checkpoints.list_checkpoints(args.output_dir):
+        # Starting afresh beside an earlier run's checkpoints would mix the two (pruning would
+        # even delete the new ones, and a later resume would pick the old ones).
+        found = checkpoints.list_checkpoints(args.output_dir)
+        raise InputError(f"--resume_from_checkpoint '': {args.output_dir} holds an earlier run's checkpoints "
+                         f"(up to checkpoint-{found[-1][0]}); start afresh in another --output_dir, or resume")
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)  # the reference's default is unseeded
-    noise_scheduler = models.load_scheduler(DDPMScheduler, args.pretrained_model_name_or_path,
-                                            revision=args.revision, cache_dir=args.cache_dir)
+    hub = dict(revision=args.revision, cache_dir=args.cache_dir)
+    noise_scheduler = models.load_scheduler(DDPMScheduler, args.pretrained_model_name_or_path, **hub)
+    models.check_pipeline(args.pretrained_model_name_or_path, args.sdxl, args.pretrained_vae_model_name_or_path, **hub)
+    for flag in ("unet_init", "ref_unet"):
+        if getattr(args, flag):
+            models.check_unet(getattr(args, flag), args.pretrained_model_name_or_path, f"--{flag}", **hub)
     try:
         timesteps = timestep_range(args.timestep_weighting, args.timestep_range,
                                    noise_scheduler.config.num_train_timesteps)
     except ValueError as err:
         raise InputError(f"--timestep_range: {err}") from None
     start_step = resume_state["global_step"] if resume_state else 0
+    cache = None
+    if args.latent_cache:
+        from sdpo.cache import LatentCache
+
+        tokenizers = models.load_tokenizers(args.pretrained_model_name_or_path, args.sdxl, **hub)
+        cache = LatentCache(args.latent_cache, args, vae_dtype_for(args, WEIGHT_DTYPES.get(mixed_precision, torch.float32)),
+                            tokenizers)
+        cache.empty_ids = [ids[0] for ids in PromptEncoder(tokenizers, [], args.resolution).token_ids([""])]
     dataloader, num_pairs, validation_pairs = build_dataloader(
-        args, rank=rank, world_size=num_processes, start_micro_batch=start_step * args.gradient_accumulation_steps)
+        args, rank=rank, world_size=num_processes, start_micro_batch=start_step * args.gradient_accumulation_steps,
+        cache=cache)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     config = run_config(args, num_processes, mixed_precision, timesteps, resume_path)
     if resume_path:
         check_same_settings(resume_path, resume_state.get("settings"), result_settings(config))
-    return Inputs(config, noise_scheduler, timesteps, dataloader, num_pairs, validation_pairs, start_step, resume_path)
+    return Inputs(config, noise_scheduler, timesteps, dataloader, num_pairs, validation_pairs, start_step, resume_path,
+                  cache.scaling_factor if cache else None)
+
+
+def vae_dtype_for(args, weight_dtype: torch.dtype) -> torch.dtype:
+    """The VAE runs in the weight dtype, except SDXL's own VAE under fp16, which overflows (NaN)."""
+    if args.sdxl and weight_dtype == torch.float16 and not args.pretrained_vae_model_name_or_path:
+        return torch.float32
+    return weight_dtype
+
+
+def share_seed(args, accelerator) -> None:
+    """The run's seed: --seed, else the seed of the checkpoint to resume, else one drawn on the
+    main process and sent to the others, so that every process derives seed + its index from the
+    same seed (and the processes split the data instead of overlapping)."""
+    from accelerate.utils import broadcast_object_list
+
+    if args.seed is None:
+        resume_path = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+        if resume_path:
+            args.seed = checkpoints.read_state(resume_path)["seed"]
+        else:
+            drawn = [random.SystemRandom().randrange(2**31)]  # the reference's default is unseeded
+            broadcast_object_list(drawn)
+            args.seed = drawn[0]
+    if args.seed + accelerator.num_processes > 2**32:
+        raise InputError(f"--seed must be below 2**32 - {accelerator.num_processes} (process i uses seed + i), "
+                         f"got {args.seed}")
 
 
 def mixed_precision_for(args) -> str:
@@ -619,28 +699,38 @@ class Run:
     validation: Validation | None
 
 
-def setup(args, accelerator, inputs: Inputs, parts=None) -> Run:
+def setup(args, accelerator, inputs: Inputs, parts=None, device=None) -> Run:
     """Load the models (or take `parts`, as load_models returns them: the benchmark builds them from
-    configs), build the optimizer and the lr schedule, restore a checkpoint."""
+    configs), build the optimizer and the lr schedule, restore a checkpoint. `device` overrides
+    the accelerator's (the benchmark counts FLOPs on the meta device)."""
     from diffusers.optimization import get_scheduler
 
+    device = device or accelerator.device
     weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
     # Models: the policy trains in fp32 under autocast; everything frozen runs in the weight dtype.
     tokenizers, text_encoders, vae, unet, ref_unet = parts or load_models(args)
     for frozen in [*text_encoders, vae, ref_unet]:
         if frozen is not None:
-            frozen.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
-    if args.sdxl and weight_dtype == torch.float16 and not args.pretrained_vae_model_name_or_path:
+            frozen.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    if vae is not None and vae_dtype_for(args, weight_dtype) != weight_dtype:
         vae.to(dtype=torch.float32)  # SDXL's original VAE overflows in fp16 (NaN latents)
         logger.warning("fp16 with SDXL's own VAE: encoding in fp32; the fp16-fix VAE "
                        "(--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix) is faster")
-    unet.train()
+    unet.to(device).train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if device.type == "cuda":  # NHWC convolutions are faster on tensor cores
+        for model in (unet, ref_unet, vae):
+            if model is not None:
+                model.to(memory_format=torch.channels_last)
     prompt_encoder = PromptEncoder(tokenizers, text_encoders, args.resolution)
 
-    optimizer = build_optimizer(args, unet.parameters(), inputs.config["derived"]["effective_lr"])
+    optimizer = build_optimizer(args, unet.parameters(), inputs.config["derived"]["effective_lr"], device)
     unet, optimizer = accelerator.prepare(unet, optimizer)
+    if args.compile:  # compiled in place: the module and its state dict keep their names
+        unet.compile()
+        if ref_unet is not None:
+            ref_unet.compile()
     # The reference steps its prepared scheduler once per optimizer step per process, with warmup
     # and length multiplied by the process count: the warmup counts optimizer steps. So do we.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -648,19 +738,13 @@ def setup(args, accelerator, inputs: Inputs, parts=None) -> Run:
     if inputs.resume_path:
         checkpoints.load_checkpoint(inputs.resume_path, accelerator, unet, optimizer, lr_scheduler)
         logger.info("resumed from %s at step %d", inputs.resume_path, inputs.start_step)
-    chooser = None
-    if args.choice_model:
-        from eval.score import parse_sources
-        from eval.scorers import build_scorer
-
-        sources = parse_sources(args.choice_model_source, flag="--choice_model_source").get(args.choice_model, {})
-        chooser = build_scorer(args.choice_model, device=str(accelerator.device), flag="--choice_model_source",
-                               **sources)
+    scaling_factor = inputs.scaling_factor if inputs.scaling_factor is not None else vae.config.scaling_factor
     step = Step(args, accelerator, unet, ref_unet, vae, prompt_encoder, inputs.noise_scheduler, weight_dtype,
-                inputs.timesteps, chooser)
+                inputs.timesteps, scaling_factor)
+    step.device = device
     validation = None
     if inputs.validation_pairs is not None:
-        validation = Validation(step, inputs.validation_pairs, args.validation_timesteps, args.seed)
+        validation = Validation(step, inputs.validation_pairs, args.validation_timesteps)
     return Run(args, inputs, accelerator, weight_dtype, unet, ref_unet, vae, prompt_encoder, optimizer,
                lr_scheduler, step, validation)
 
@@ -685,10 +769,7 @@ class MetricsFile:
                     kept.append(json.dumps(entry) + "\n")
         if torn:
             logger.warning("%s: dropped %d unreadable line(s), as a killed run leaves them", path, torn)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        write_text_atomic("".join(kept), path)
 
     def append(self, step: int, values: dict) -> None:
         if self.main:
@@ -748,10 +829,12 @@ def save_validation_images(run: Run, step: int) -> None:
             tracker.log_images({"validation": images}, step)
 
 
-def train_step(run: Run, batches) -> tuple[dict[str, float], bool]:
+def train_step(run: Run, batches) -> tuple[dict[str, float], str]:
     """One optimizer step: accumulate the micro-batches' gradients, measure and clip their norm,
     and step unless the loss or the norm is not finite. Returns the step's numbers (averaged over
-    micro-batches and processes) and whether it stepped."""
+    micro-batches and processes) and what happened: "stepped"; "skipped" (a non-finite loss or
+    gradient: no update); or, under fp16, "overflow" (the gradient scaler's scale was too large
+    for these gradients: no update, a smaller scale, an ordinary event while it settles)."""
     args, accelerator, unet, optimizer = run.args, run.accelerator, run.unet, run.optimizer
     accum = args.gradient_accumulation_steps
     step_stats = []
@@ -774,14 +857,18 @@ def train_step(run: Run, batches) -> tuple[dict[str, float], bool]:
         keys.append("grad_norm")
         means.append(grad_norm.float().reshape(()))
     values = dict(zip(keys, accelerator.reduce(torch.stack(means), reduction="mean").tolist()))
-    finite = math.isfinite(values["loss"]) and math.isfinite(values.get("grad_norm", 0.0))
-    if finite:
+    loss_finite = math.isfinite(values["loss"])
+    scaler = getattr(accelerator, "scaler", None)
+    if loss_finite and math.isfinite(values.get("grad_norm", 0.0)):
         optimizer.step()
         run.lr_scheduler.step()
-    elif getattr(accelerator, "scaler", None) is not None and not math.isfinite(values.get("grad_norm", 0.0)):
-        optimizer.step()  # fp16: the gradient scaler skips the update and lowers its scale
+        status = "stepped"
+    else:
+        if scaler is not None:  # it unscaled these gradients: update() lowers its scale after an overflow
+            scaler.update()  # and resets its per-step state, so the next step can unscale again
+        status = "overflow" if scaler is not None and loss_finite else "skipped"
     optimizer.zero_grad(set_to_none=True)
-    return values, finite
+    return values, status
 
 
 def fit(run: Run) -> dict:
@@ -805,25 +892,24 @@ def fit(run: Run) -> dict:
                     disable=not accelerator.is_local_main_process, desc="steps")
     run_state = {"seed": args.seed, "train_method": args.train_method, "sdxl": args.sdxl,
                  "settings": result_settings(inputs.config)}
-    logs, skipped_in_a_row, skipped_total = {}, 0, 0
+    logs, skipped_in_a_row, counts = {}, 0, {"stepped": 0, "skipped": 0, "overflow": 0}
     try:
         for step in range(start_step, args.max_train_steps):
             started = time.perf_counter()
-            values, finite = train_step(run, batches)
-            if finite:
-                skipped_in_a_row = 0
-            else:
-                skipped_in_a_row += 1
-                skipped_total += 1
+            values, status = train_step(run, batches)
+            counts[status] += 1
+            skipped_in_a_row = skipped_in_a_row + 1 if status == "skipped" else 0
+            if status == "skipped":
                 logger.warning("step %d skipped: loss %s, gradient norm %s (%d in a row, %d in all)", step + 1,
-                               values["loss"], values.get("grad_norm"), skipped_in_a_row, skipped_total)
+                               values["loss"], values.get("grad_norm"), skipped_in_a_row, counts["skipped"])
             if skipped_in_a_row >= args.max_skipped_steps:
-                raise RunStopped(f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient (the last at step "
-                                 f"{step + 1}); the run stops (--max_skipped_steps {args.max_skipped_steps}). Lower the "
-                                 f"learning rate or use bf16; the last checkpoint was written before the trouble")
+                raise RunStopped(
+                    f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient (the last at step "
+                    f"{step + 1}); the run stops (--max_skipped_steps {args.max_skipped_steps}). Lower the learning "
+                    f"rate or use bf16; the last checkpoint was written before the trouble")
 
-            logs = dict(values, skipped_steps=float(skipped_total), lr=lr_scheduler.get_last_lr()[0],
-                        step_seconds=time.perf_counter() - started)
+            logs = dict(values, skipped_steps=float(counts["skipped"]), overflow_steps=float(counts["overflow"]),
+                        lr=lr_scheduler.get_last_lr()[0], step_seconds=time.perf_counter() - started)
             accelerator.log(logs, step=step + 1)
             metrics.append(step + 1, logs)  # the same numbers as JSON lines, for scripts and plots
             progress.update(1)
@@ -839,6 +925,9 @@ def fit(run: Run) -> dict:
                 logger.info("saved %s", path)
     finally:
         progress.close()  # so that a message that stops the run starts on a line of its own
+    if counts["skipped"] and not counts["stepped"]:
+        raise RunStopped(f"every one of the {counts['skipped']} steps had a non-finite loss or gradient: no update "
+                         f"was made, and nothing is saved")
     return logs
 
 
@@ -872,12 +961,66 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def make_accelerator(args, mixed_precision: str):
+def choose_winners(args, accelerator, inputs: Inputs) -> None:
+    """AI feedback: a reward model chooses each pair's winner, once, before training (as TRL
+    computes reference log-probabilities up front), and the datasets put that image first.
+
+    As the reference: jpg_1 wins if it scores higher, else jpg_0; label_0 is ignored (ties in it
+    are still dropped). The processes score a share of the pairs each; the choices are saved in
+    output_dir/choices-<metric>.json with what produced them, and reused when that matches."""
+    from accelerate.utils import gather_object
+
+    from eval.scorers import build_scorer, parse_sources, scorer_identity
+    from sdpo.data import UnreadableImage, decode_image
+    from sdpo.files import first_difference
+
+    datasets = [d for d in (inputs.dataloader.dataset, inputs.validation_pairs) if d is not None]
+    rows = sorted({row for d in datasets for row in d.rows})
+    sources = parse_sources(args.choice_model_source, flag="--choice_model_source").get(args.choice_model, {})
+    record = {"scorer": scorer_identity(args.choice_model, sources), "dataset": args.dataset_name,
+              "split": args.split, "rows": len(rows), "caption_column": args.caption_column}
+    path = os.path.join(args.output_dir, f"choices-{args.choice_model}.json")
+    saved = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        why = first_difference(saved.get("record"), record)
+        if why:
+            logger.info("%s was made by another scorer or dataset (%s): choosing again", path, why)
+            saved = None
+    if saved is None:
+        scorer = build_scorer(args.choice_model, device=str(accelerator.device), flag="--choice_model_source",
+                              **sources)
+        data = datasets[0].data
+        mine = {}
+        for row in rows[accelerator.process_index :: accelerator.num_processes]:
+            item = data[row]
+            try:
+                images = [decode_image(item[column]) for column in ("jpg_0", "jpg_1")]
+            except UnreadableImage:
+                continue  # skipped in training anyway
+            caption = item[args.caption_column] or ""
+            score_0, score_1 = scorer.score(images, [str(caption)] * 2)
+            mine[row] = bool(score_1 > score_0)  # a tie keeps jpg_0 first, as the reference
+        del scorer
+        chosen = {row: wins for part in gather_object([mine]) for row, wins in part.items()}
+        if accelerator.is_main_process:
+            write_json_atomic({"record": record, "jpg_1_wins": {str(r): w for r, w in sorted(chosen.items())}}, path)
+        logger.info("%s chose the winner of %d pairs; jpg_1 won %d", args.choice_model, len(chosen),
+                    sum(chosen.values()))
+    else:
+        chosen = {int(row): wins for row, wins in saved["jpg_1_wins"].items()}
+    for dataset in datasets:
+        dataset.jpg_1_wins = chosen
+
+
+def make_accelerator(args, mixed_precision: str, cpu: bool = False, device_placement: bool = True):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     return Accelerator(
-        mixed_precision=mixed_precision, log_with=None if args.report_to == "none" else args.report_to,
+        mixed_precision=mixed_precision, log_with=None if args.report_to == "none" else args.report_to, cpu=cpu,
+        device_placement=device_placement,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
@@ -885,8 +1028,6 @@ def make_accelerator(args, mixed_precision: str):
 
 def train(args):
     from accelerate.utils import set_seed
-
-    from eval.files import write_json_atomic
 
     validate(args)
     mixed_precision = mixed_precision_for(args)
@@ -905,15 +1046,21 @@ def train(args):
         for name in checkpoints.clean_output_dir(args.output_dir):
             logger.warning("removed %s, left by a killed run", os.path.join(args.output_dir, name))
     accelerator.wait_for_everyone()
+    share_seed(args, accelerator)
 
     # The settings and the data are checked before any model loads.
     inputs = check_inputs(args, accelerator.num_processes, accelerator.process_index, accelerator.mixed_precision)
+    from accelerate.utils import gather_object
+
+    inputs.config["derived"]["process_seeds"] = gather_object([args.seed + accelerator.process_index])
     if accelerator.is_main_process:
         write_json_atomic(inputs.config, os.path.join(args.output_dir, CONFIG_FILE))
     if args.dry_run:
         logger.info("dry run: the settings and the data check out; wrote %s", os.path.join(args.output_dir, CONFIG_FILE))
         accelerator.end_training()
         return {}
+    if args.choice_model:
+        choose_winners(args, accelerator, inputs)
     set_seed(args.seed + accelerator.process_index)  # as the reference: each process its own stream
     run = setup(args, accelerator, inputs)
     if accelerator.is_main_process and accelerator.log_with:
@@ -935,12 +1082,8 @@ def stop_with_parent() -> None:
     launched = "LOCAL_RANK" in os.environ or any(k.startswith("ACCELERATE_") for k in os.environ)
     if not launched or not sys.platform.startswith("linux"):
         return
-    try:
+    with contextlib.suppress(OSError):  # (the launcher may be PID 1 in a container: no check of getppid)
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        return
-    if os.getppid() == 1:  # the launcher died before the call
-        sys.exit("error: the launcher is gone")
 
 
 @reports_input_errors

@@ -6,12 +6,12 @@ They run before any model is loaded, so a typo costs seconds, not a model load.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 
 from sdpo.errors import ArgumentParser, InputError, first_line
+from sdpo.files import check_output_dir
 
 
 Parser = ArgumentParser  # usage errors are InputErrors: one `error:` line, exit status 2
@@ -72,34 +72,10 @@ def device(value: str | None, flag: str = "--device") -> str:
     return value
 
 
-def writable_dir(path: str, flag: str) -> str:
-    """Make the folder `path` (and its parents) and prove it writable by writing and removing a
-    probe file: a path that is a file, lies under a file, or is read-only fails here, before
-    anything is loaded. Returns the path."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except FileExistsError:
-        raise InputError(f"{flag} {path}: a file is in the way (a folder is needed)") from None
-    except NotADirectoryError:
-        raise InputError(f"{flag} {path}: lies under a file, not a folder") from None
-    except OSError as err:
-        raise InputError(f"{flag} {path}: cannot create the folder ({err.strerror or first_line(err)})") from None
-    probe = os.path.join(path, f".write-probe.tmp{os.getpid()}")
-    try:
-        with open(probe, "w") as f:
-            f.write("probe")
-    except OSError as err:
-        raise InputError(f"{flag} {path}: cannot write there ({err.strerror or first_line(err)})") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(probe)
-    return path
-
-
 def writable_file(path: str, flag: str) -> str:
     """A file to (re)write: not a folder, in a writable folder."""
     check(not os.path.isdir(path), f"{flag} {path}: a folder, not a file")
-    writable_dir(os.path.dirname(os.path.abspath(path)), flag)
+    check_output_dir(os.path.dirname(os.path.abspath(path)), flag)
     return path
 
 

@@ -46,14 +46,14 @@ from PIL import ExifTags, Image
 from tqdm.auto import tqdm
 
 from eval import checks
-from eval.files import (atomic_path, first_difference, path_identity, remove_stale_temps, write_json_atomic)
+from sdpo.files import (atomic_path, check_output_dir, first_difference,
+                        path_identity, remove_stale_temps, write_json_atomic)
 from eval.prompts import load_suite
 from sdpo import models
 from sdpo.conditioning import PromptEncoder
 from sdpo.sampling import sample, vae_scale_factor
 from sdpo.errors import InputError, reports_input_errors
 
-MANIFEST_KEYS = ("prompt", "gen_image_path", "raw_image_path", "metadata")
 RECORD_NAME = "generation.json"
 PROTOCOL_VERSION = 1  # bump when the sampling code changes what images it makes
 IMAGE_NAME = re.compile(r"(\d+)_(\d+)x(\d+)\.png")
@@ -109,7 +109,7 @@ def unet_folder(spec: str) -> str:
 
 
 def model_identity(args) -> dict:
-    """The base pipeline (the parts generation loads), the UNet and the VAE, as eval.files.path_identity."""
+    """The base pipeline (the parts generation loads), the UNet and the VAE, as sdpo.files.path_identity."""
     base = args.pretrain_path
     if os.path.isdir(base):
         parts = ["tokenizer", "text_encoder", "scheduler", "unet"] + (["tokenizer_2", "text_encoder_2"] if args.sdxl else [])
@@ -201,9 +201,9 @@ def check_args(args) -> None:
     args.suite = load_suite(args.test_json)
     if args.output_path is None:
         args.output_path = default_output_path(args)
-    checks.writable_dir(args.output_path, "--output_path")
+    check_output_dir(args.output_path, "--output_path")
     name = run_name(args.test_json, args.seed, args.height, args.width, args.steps, args.cfg)
-    args.image_dir = checks.writable_dir(os.path.join(args.output_path, name), "--output_path")
+    args.image_dir = check_output_dir(os.path.join(args.output_path, name), "--output_path")
 
 
 def generate(args) -> str:

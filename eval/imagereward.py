@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eval.heads import AestheticMLP  # the same MLP head architecture
+
 REWARD_MEAN, REWARD_STD = 0.16717362830052426, 1.0333394966054072
 MASK_VALUE = -10000.0  # the additive mask value BLIP's BERT uses
 
@@ -145,7 +147,6 @@ def load_part(module: nn.Module, state: dict, what: str) -> None:
 class ImageRewardModel(nn.Module):
     def __init__(self, state: dict, med_config: dict, vision_heads: int = 16):
         super().__init__()
-        from eval.scorers import AestheticMLP  # the same MLP head architecture
 
         vit_state = {k[len("blip.visual_encoder."):]: v for k, v in state.items() if k.startswith("blip.visual_encoder.")}
         self.visual, self.image_size = vision_transformer(vit_state, vision_heads)

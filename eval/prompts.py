@@ -37,7 +37,7 @@ import os
 import urllib.request
 
 from eval import checks
-from eval.files import write_json_atomic
+from sdpo.files import write_json_atomic
 from sdpo.errors import InputError, reports_input_errors
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prompts")

@@ -29,8 +29,9 @@ import os
 from PIL import Image
 
 from eval import checks
-from eval.files import file_identity, first_difference, remove_stale_temps, write_json_atomic, write_text_atomic
-from eval.scorers import METRICS, SOURCES, build_scorer, check_source, scorer_identity
+from sdpo.files import (check_output_dir, file_identity, first_difference,
+                        remove_stale_temps, write_json_atomic, write_text_atomic)
+from eval.scorers import METRICS, SOURCES, build_scorer, parse_sources, scorer_identity
 from sdpo.errors import InputError, first_line, reports_input_errors
 
 SCORE_FORMAT = "sdpo-scores/1"
@@ -153,21 +154,6 @@ def score_file(metric: str, identity: dict, images: list, scored: list[dict]) ->
     return {"format": SCORE_FORMAT, "metric": metric, "scorer": identity, "images": images, "records": scored}
 
 
-def parse_sources(pairs: list[str], flag: str = "--source") -> dict[str, dict[str, str]]:
-    """['pickscore.model=/x', ...] -> {'pickscore': {'model': '/x'}}, each checked (eval.scorers.check_source)."""
-    sources: dict[str, dict[str, str]] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        metric, dot, field = key.partition(".")
-        if not (sep and dot and metric in METRICS and field):
-            raise InputError(f"{flag} {pair!r}: expected METRIC.FIELD=VALUE with METRIC in {', '.join(METRICS)}")
-        check_source(metric, field, value, flag)
-        if field in sources.get(metric, {}) and sources[metric][field] != value:
-            raise InputError(f"{flag} {key}: given twice, as {sources[metric][field]!r} and {value!r}")
-        sources.setdefault(metric, {})[field] = value
-    return sources
-
-
 def scorer_factory(metrics, device, batch_size, sources, flag="--source"):
     """Yield (metric, scorer) one at a time, freeing each model before loading the next."""
     for metric in metrics:
@@ -267,7 +253,7 @@ def main(argv=None):
     device = checks.device(args.device)
     for m in args.manifests:
         load_manifest(m)  # before anything else is made or loaded
-        checks.writable_dir(os.path.dirname(os.path.abspath(m)), "the manifest's folder (where score files go)")
+        check_output_dir(os.path.dirname(os.path.abspath(m)), "the manifest's folder (where score files go)")
     path = args.table or os.path.join(os.path.dirname(os.path.abspath(args.manifests[0])), "summary.md")
     checks.writable_file(path, "--table")
     means = score_all(args.manifests, args.metrics, device, args.batch_size, sources, args.recompute)

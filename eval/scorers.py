@@ -25,6 +25,7 @@ import urllib.request
 import torch
 import torch.nn.functional as F
 
+from eval.heads import AestheticMLP
 from sdpo.errors import InputError, first_line
 
 METRICS = ("pickscore", "hpsv2", "aesthetics", "clip", "imagereward")
@@ -90,8 +91,8 @@ def check_source(metric: str, field: str, value: str, flag: str = "--source") ->
 def scorer_identity(metric: str, sources: dict[str, str] | None = None) -> dict:
     """What a score depends on besides the image and the prompt: the metric, its definition's
     version, and every model source (given or default), local ones with the size and mtime of
-    their files (eval.files.path_identity). Two equal identities score alike."""
-    from eval.files import path_identity
+    their files (sdpo.files.path_identity). Two equal identities score alike."""
+    from sdpo.files import path_identity
 
     sources = sources or {}
     given = {field: sources.get(field, default) for field, (default, _) in SOURCES[metric].items()}
@@ -163,7 +164,7 @@ def load_state_dict(path: str) -> dict:
 
 
 class Scorer:
-    name = ""
+    name = ""  # the metric, as --source names it
     version = 1  # of the score's definition: a change that moves scores must bump it (old score files go stale)
 
     def __init__(self, device: str = "cpu", batch_size: int = 16, flag: str = "--source"):
@@ -194,7 +195,7 @@ class Scorer:
 
 
 class PickScore(Scorer):
-    name = "pickscore"
+    name = "pickscore"  # the metric, as --source names it
 
     def __init__(self, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", **kw):
         super().__init__(**kw)
@@ -220,7 +221,8 @@ class PickScore(Scorer):
 class OpenClipCosine(Scorer):
     """Image-text cosine of an open_clip model (the CLIP score, and HPSv2 with its checkpoint)."""
 
-    name = "clip"
+    name = "clip"  # the metric, as --source names it
+
 
     def __init__(self, arch="ViT-H-14", pretrained="laion2B-s32B-b79K", checkpoint=None, config=None, **kw):
         super().__init__(**kw)
@@ -264,7 +266,7 @@ class HPSv2(OpenClipCosine):
     itself); preprocess="package" reproduces the hpsv2 package instead, which converts to a
     tensor before the bicubic resize (scores differ in the third decimal)."""
 
-    name = "hpsv2"
+    name = "hpsv2"  # the metric, as --source names it
 
     def __init__(self, arch="ViT-H-14", checkpoint="xswu/HPSv2", preprocess="open_clip", config=None, **kw):
         if preprocess not in ("open_clip", "package"):
@@ -286,24 +288,6 @@ class HPSv2(OpenClipCosine):
             ])
 
 
-class AestheticMLP(torch.nn.Module):
-    """The LAION improved aesthetic predictor's head: linear layers with dropout, no activations.
-    Parameter names (layers.0, .2, .4, .6, .7) match its released checkpoint."""
-
-    def __init__(self, input_size=768):
-        super().__init__()
-        self.layers = torch.nn.Sequential(
-            torch.nn.Linear(input_size, 1024), torch.nn.Dropout(0.2),
-            torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
-            torch.nn.Linear(64, 16),
-            torch.nn.Linear(16, 1),
-        )
-
-    def forward(self, x):
-        return self.layers(x)
-
-
 def load_aesthetic_mlp(source: str, input_size: int = 768) -> AestheticMLP:
     """The aesthetic head loaded from its checkpoint (a local path or a URL), in eval mode."""
     mlp = AestheticMLP(input_size)
@@ -312,7 +296,7 @@ def load_aesthetic_mlp(source: str, input_size: int = 768) -> AestheticMLP:
 
 
 class Aesthetics(Scorer):
-    name = "aesthetics"
+    name = "aesthetics"  # the metric, as --source names it
     DEFAULT_MLP = DEFAULT_AESTHETIC_MLP
 
     def __init__(self, clip="openai/clip-vit-large-patch14", mlp=DEFAULT_MLP, **kw):
@@ -334,7 +318,8 @@ class Aesthetics(Scorer):
 class ImageReward(Scorer):
     """ImageReward v1.0 (THUDM/ImageReward): see eval/imagereward.py for the model."""
 
-    name = "imagereward"
+    name = "imagereward"  # the metric, as --source names it
+
 
     def __init__(self, checkpoint="THUDM/ImageReward", med_config="THUDM/ImageReward", tokenizer="bert-base-uncased",
                  vision_heads="16", **kw):
@@ -370,3 +355,18 @@ def build_scorer(metric: str, device: str = "cpu", batch_size: int = 16, flag: s
     for field, value in sources.items():
         check_source(metric, field, value, flag)
     return SCORERS[metric](device=device, batch_size=batch_size, flag=flag, **sources)
+
+
+def parse_sources(pairs: list[str], flag: str = "--source") -> dict[str, dict[str, str]]:
+    """['pickscore.model=/x', ...] -> {'pickscore': {'model': '/x'}}, each checked (eval.scorers.check_source)."""
+    sources: dict[str, dict[str, str]] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        metric, dot, field = key.partition(".")
+        if not (sep and dot and metric in METRICS and field):
+            raise InputError(f"{flag} {pair!r}: expected METRIC.FIELD=VALUE with METRIC in {', '.join(METRICS)}")
+        check_source(metric, field, value, flag)
+        if field in sources.get(metric, {}) and sources[metric][field] != value:
+            raise InputError(f"{flag} {key}: given twice, as {sources[metric][field]!r} and {value!r}")
+        sources.setdefault(metric, {})[field] = value
+    return sources

@@ -2,7 +2,7 @@
 
 For the tests and the demo: the real loaders (transformers AutoModel/AutoProcessor, open_clip
 with a registered config and a local checkpoint, the aesthetic MLP's .pth) on tiny random
-weights. `tiny_sources(folder)` returns the --source overrides that point every scorer at them.
+weights. `build_tiny_scorers(folder)` returns the --source overrides that point every scorer at them.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from fractions import Fraction
 import numpy as np
 
 from eval import checks
-from eval.files import atomic_path, remove_stale_temps, write_json_atomic, write_text_atomic
+from sdpo.files import atomic_path, check_output_dir, remove_stale_temps, write_json_atomic, write_text_atomic
 from eval.score import add_scoring_flags, check_scoring_flags, collect_scores, load_manifest, resolve_image
 from sdpo.errors import InputError, reports_input_errors
 
@@ -224,7 +224,7 @@ def versus(json_a, json_b, label_a, label_b, outdir, metrics, device, batch_size
            recompute: bool = False) -> dict:
     for path, flag in ((json_a, "--json_a"), (json_b, "--json_b")):
         load_manifest(path, flag)  # fail early, naming the flag and the file
-    checks.writable_dir(outdir, "--outdir")
+    check_output_dir(outdir, "--outdir")
     remove_stale_temps(outdir)
     scored = collect_scores([json_a, json_b], metrics, device, batch_size, sources, recompute,
                             flags={json_a: "--json_a", json_b: "--json_b"})

@@ -63,8 +63,17 @@ def launch(cmd):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
 
+def steps_done(out: str) -> int:
+    try:
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
 def wait_then_kill(process, out, kind, rng, budget):
-    """Kill the launch according to `kind`; returns the phase it was in, or None if it ended first."""
+    """Kill the launch according to `kind`; returns the phase it was in, or None if it ended first.
+    `budget` is how long the rest of the run would take: a random kill lands within it."""
     started = time.time()
     if kind == "random":
         deadline = started + rng.uniform(0.5, budget)
@@ -96,7 +105,7 @@ def wait_then_kill(process, out, kind, rng, budget):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     args = parser.parse_args()
@@ -113,31 +122,37 @@ def main():
     process = launch(command(paths["sd15"], paths["data"], reference, args.steps))
     if process.wait() != 0:
         sys.exit(process.stderr.read().decode()[-3000:])
-    budget = time.time() - started
-    print(f"uninterrupted run: {args.steps} steps in {budget:.0f} s")
+    elapsed = time.time() - started
+    startup = min(12.0, elapsed / 2)  # about what a launch takes before its first step, on this machine
+    per_step = (elapsed - startup) / args.steps
+    print(f"uninterrupted run: {args.steps} steps in {elapsed:.0f} s")
 
     rng = random.Random(args.seed)
     killed = os.path.join(work, "killed")
     shutil.rmtree(killed, ignore_errors=True)
     kinds = ["random", "checkpoint", "delete"]
     phases, launches, attempt = {}, 0, 0
+    finished = False
     while sum(phases.values()) < args.kills:
         kind = kinds[attempt % len(kinds)]
         attempt += 1
         process = launch(command(paths["sd15"], paths["data"], killed, args.steps))
         launches += 1
+        # A random kill lands before the run would end: within start-up plus 80% of what is left.
+        budget = startup + 0.8 * per_step * max(1, args.steps - steps_done(killed))
         where = wait_then_kill(process, killed, kind, rng, budget)
-        if where is None:  # it finished before the kill: start again from scratch to keep killing
+        if where is None:  # the run ended before the kill: the kills so far are all it got
             if process.returncode != 0:
                 sys.exit(f"a resumed run failed:\n{process.stderr.read().decode()[-3000:]}")
-            shutil.rmtree(killed)
-            continue
+            finished = True
+            break
         phases[where] = phases.get(where, 0) + 1
         print(f"kill {sum(phases.values()):2d} ({kind:10s}) during {where}", flush=True)
-    process = launch(command(paths["sd15"], paths["data"], killed, args.steps))
-    launches += 1
-    if process.wait() != 0:
-        sys.exit(f"the final resumed run failed:\n{process.stderr.read().decode()[-3000:]}")
+    if not finished:
+        process = launch(command(paths["sd15"], paths["data"], killed, args.steps))
+        launches += 1
+        if process.wait() != 0:
+            sys.exit(f"the final resumed run failed:\n{process.stderr.read().decode()[-3000:]}")
 
     a = load_file(os.path.join(reference, "unet", "diffusion_pytorch_model.safetensors"))
     b = load_file(os.path.join(killed, "unet", "diffusion_pytorch_model.safetensors"))
@@ -154,7 +169,9 @@ def main():
     print(f"final weights bitwise equal to the uninterrupted run: {same_weights}")
     print(f"every logged number equal (step times aside): {same_metrics}")
     print(f"leftover .tmp/.deleting folders: {leftovers or 'none'}")
-    sys.exit(0 if same_weights and same_metrics and not leftovers else 1)
+    if sum(phases.values()) < args.kills:
+        print(f"only {sum(phases.values())} kills landed before the run ended: raise --steps")
+    sys.exit(0 if same_weights and same_metrics and not leftovers and sum(phases.values()) >= args.kills else 1)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,29 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     return path
 
 
+def read_state(path: str) -> dict:
+    """A checkpoint's trainer_state.json, or one line saying it is damaged."""
+    try:
+        with open(os.path.join(path, STATE_FILE)) as f:
+            state = json.load(f)
+        int(state["global_step"]), int(state["seed"])
+        return state
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"--resume_from_checkpoint: {path}/{STATE_FILE} is damaged ({type(err).__name__}: {err}); "
+                         f"resume from another checkpoint or start afresh") from None
+
+
+def check_readable(path: str) -> None:
+    """The optimizer and schedule state of a checkpoint must load (memory-mapped: nothing is read
+    but the file's index); a truncated one is reported before any model loads."""
+    for name in ("optimizer.pt", "lr_scheduler.pt"):
+        try:
+            torch.load(os.path.join(path, name), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:
+            raise InputError(f"--resume_from_checkpoint: {path}/{name} is damaged or truncated "
+                             f"({type(err).__name__}); resume from another checkpoint") from None
+
+
 def remove_tree(path: str) -> None:
     """Delete a folder so that a kill half-way leaves nothing under its name: rename, then delete."""
     doomed = path + ".deleting"
@@ -130,6 +153,8 @@ def save_checkpoint(accelerator, output_dir, step, unet, optimizer, lr_scheduler
         accelerator.unwrap_model(unet).save_pretrained(os.path.join(tmp, "unet"))
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
+        if getattr(accelerator, "scaler", None) is not None:  # fp16: the gradient scaler's scale
+            torch.save(accelerator.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump({"global_step": step, **state}, f, indent=2)
         _fsync_tree(tmp)
@@ -156,6 +181,9 @@ def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler) -> None:
     del saved
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location="cpu"))
     lr_scheduler.load_state_dict(torch.load(os.path.join(path, "lr_scheduler.pt"), weights_only=True))
+    scaler_file = os.path.join(path, "scaler.pt")
+    if getattr(accelerator, "scaler", None) is not None and os.path.isfile(scaler_file):
+        accelerator.scaler.load_state_dict(torch.load(scaler_file, weights_only=True))
     rng_file = os.path.join(path, f"rng-{accelerator.process_index}.safetensors")
     if not os.path.isfile(rng_file):
         raise InputError(f"{path} was written by fewer processes than this run has ({rng_file} is missing)")

@@ -43,26 +43,29 @@ class PromptEncoder:
         self.sdxl = len(self.text_encoders) == 2
         self.resolution = resolution
 
-    def _ids(self, tokenizer, captions, device):
-        return tokenizer(
-            captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
+    def token_ids(self, captions: list[str]) -> list[torch.Tensor]:
+        """The captions' token ids, one (N, max_length) tensor per tokenizer (what the latent cache
+        stores)."""
+        return [tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                          return_tensors="pt").input_ids for tokenizer in self.tokenizers]
 
     @torch.no_grad()
-    def __call__(self, captions: list[str], device, dtype=None, size: tuple[int, int] | None = None) -> Conditioning:
-        """Conditioning for the captions; `size` (h, w) sets SDXL's time ids (default: square)."""
+    def __call__(self, captions: list[str] | None, device, dtype=None, size: tuple[int, int] | None = None,
+                 ids: list[torch.Tensor] | None = None) -> Conditioning:
+        """Conditioning for the captions, or for their token ids (`ids`, as token_ids gives them);
+        `size` (h, w) sets SDXL's time ids (default: square at the resolution)."""
+        ids = [i.to(device) for i in (ids if ids is not None else self.token_ids(captions))]
         if not self.sdxl:
-            (tokenizer,), (encoder,) = self.tokenizers, self.text_encoders
-            hidden = encoder(self._ids(tokenizer, captions, device)).last_hidden_state
+            (encoder,) = self.text_encoders
+            hidden = encoder(ids[0]).last_hidden_state
             return Conditioning(hidden if dtype is None else hidden.to(dtype))
         hidden_states, pooled = [], None
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            out = encoder(self._ids(tokenizer, captions, device), output_hidden_states=True)
+        for token_ids, encoder in zip(ids, self.text_encoders):
+            out = encoder(token_ids, output_hidden_states=True)
             hidden_states.append(out.hidden_states[-2])
             pooled = getattr(out, "text_embeds", None)
         h, w = size or (self.resolution, self.resolution)
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=device).repeat(len(captions), 1)
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=device).repeat(ids[0].shape[0], 1)
         hidden = torch.cat(hidden_states, dim=-1)
         dtype = dtype or hidden.dtype
         return Conditioning(hidden.to(dtype), pooled.to(dtype), time_ids.to(dtype))

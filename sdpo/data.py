@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import random
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -31,17 +32,18 @@ LABEL_COLUMN = "label_0"
 # ---- loading -------------------------------------------------------------------------------
 
 
-def _parquet_files(folder: str, split: str) -> list[str]:
+def _parquet_files(folder: str, split: str, flag: str = "--split") -> list[str]:
     """The split's parquet files in a local copy laid out as on the hub (data/<split>-*.parquet)."""
     for pattern in (f"data/{split}-*.parquet", f"{split}-*.parquet", f"data/{split}/*.parquet", f"{split}/*.parquet"):
         files = sorted(glob.glob(os.path.join(folder, pattern)))
         if files:
             return files
-    raise InputError(f"no parquet files for split {split!r} in {folder} (looked for data/{split}-*.parquet)")
+    raise InputError(f"{flag} {split}: no parquet files for it in {folder} (looked for data/{split}-*.parquet)")
 
 
 def load_split(name: str, split: str, streaming: bool = False, revision: str | None = None,
-               config_name: str | None = None, data_dir: str | None = None, cache_dir: str | None = None):
+               config_name: str | None = None, data_dir: str | None = None, cache_dir: str | None = None,
+               flag: str = "--split"):
     """A `datasets` split from a hub id, a local folder in the hub's layout or one parquet file.
 
     `config_name`, `data_dir` and `cache_dir` mean what they mean to `datasets.load_dataset` (the
@@ -55,7 +57,7 @@ def load_split(name: str, split: str, streaming: bool = False, revision: str | N
         raise InputError(f"--dataset_config_name {config_name!r}: {name} is a local copy, which has no "
                          f"configurations (the flag selects a configuration of a hub dataset)")
     if os.path.isdir(name):
-        files = _parquet_files(os.path.join(name, data_dir) if data_dir else name, split)
+        files = _parquet_files(os.path.join(name, data_dir) if data_dir else name, split, flag)
     elif os.path.isfile(name):
         if data_dir:
             raise InputError(f"--train_data_dir {data_dir!r}: {name} is a single file, not a folder")
@@ -142,25 +144,53 @@ def decode_image(data) -> Image.Image:
         raise UnreadableImage(f"{type(err).__name__}: {first_line(err)}") from None
 
 
+def resized_size(w: int, h: int, resolution: int) -> tuple[int, int]:
+    """(w, h) after resizing the shorter side to `resolution`."""
+    return (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
+
+
+def center_crop(w: int, h: int, resolution: int) -> tuple[int, int]:
+    """(top, left) of the square center crop of an image of the resized size (w, h)."""
+    return int(round((h - resolution) / 2.0)), int(round((w - resolution) / 2.0))
+
+
+def mirrored_left(resized_w: int, left: int, resolution: int) -> int:
+    """The crop's left edge as seen in the flipped image."""
+    return resized_w - left - resolution
+
+
+def resize_and_crop(image: Image.Image, resolution: int, rng: random.Random | None = None):
+    """Resize the shorter side to `resolution` (bilinear) and crop a square: at the center, or at a
+    random place drawn from `rng`. Returns (image, resized width, crop (top, left))."""
+    w, h = image.size
+    new_w, new_h = resized_size(w, h, resolution)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+    if rng is not None:
+        top, left = rng.randint(0, new_h - resolution), rng.randint(0, new_w - resolution)
+    else:
+        top, left = center_crop(new_w, new_h, resolution)
+    return image.crop((left, top, left + resolution, top + resolution)), new_w, (top, left)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image to a (3, H, W) float tensor in [-1, 1]."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
 def transform_image(image: Image.Image, resolution: int, rng: random.Random, random_crop: bool, hflip: bool):
     """Resize the shorter side to `resolution` (bilinear), crop a square, maybe flip; to [-1, 1].
 
-    Returns (tensor (3, res, res), original (h, w), crop (top, left)).
+    Returns (tensor (3, res, res), original (h, w), crop (top, left)). The random draws, in order:
+    the crop's top and left (with random_crop), then the flip (with hflip).
     """
     w, h = image.size
-    new_w, new_h = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), Image.BILINEAR)
-    if random_crop:
-        top, left = rng.randint(0, new_h - resolution), rng.randint(0, new_w - resolution)
-    else:
-        top, left = int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))
-    image = image.crop((left, top, left + resolution, top + resolution))
+    image, new_w, (top, left) = resize_and_crop(image, resolution, rng if random_crop else None)
     if hflip and rng.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        left = new_w - left - resolution  # the crop's left edge, as seen in the flipped image
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (h, w), (top, left)
+        left = mirrored_left(new_w, left, resolution)
+    return to_tensor(image), (h, w), (top, left)
 
 
 class PairTransform:
@@ -168,17 +198,19 @@ class PairTransform:
     (the two images of a pair flip independently, as in the reference)."""
 
     def __init__(self, resolution, random_crop=False, hflip=True, proportion_empty_prompts=0.0, winners_only=False,
-                 keep_raw=False, caption_column="caption"):
+                 caption_column="caption"):
         self.resolution = resolution
         self.caption_column = caption_column
         self.random_crop = random_crop
         self.hflip = hflip
         self.proportion_empty_prompts = proportion_empty_prompts
         self.winners_only = winners_only
-        self.keep_raw = keep_raw  # AI feedback: keep jpg_0, jpg_1 order and the decoded images for a scorer
 
-    def __call__(self, row: dict, rng: random.Random) -> dict:
-        first, second = ("jpg_0", "jpg_1") if row["label_0"] == 1 or self.keep_raw else ("jpg_1", "jpg_0")
+    def __call__(self, row: dict, rng: random.Random, jpg_1_wins: bool | None = None) -> dict:
+        """`jpg_1_wins` overrides label_0 (AI feedback: a reward model's choice)."""
+        if jpg_1_wins is None:
+            jpg_1_wins = row["label_0"] != 1
+        first, second = ("jpg_1", "jpg_0") if jpg_1_wins else ("jpg_0", "jpg_1")
         columns = (first,) if self.winners_only else (first, second)
         images = [decode_image(row[c]) for c in columns]
         done = [transform_image(im, self.resolution, rng, self.random_crop, self.hflip) for im in images]
@@ -188,8 +220,6 @@ class PairTransform:
         time_ids = torch.tensor([[*original, *crop, self.resolution, self.resolution] for _, original, crop in done],
                                 dtype=torch.float32)
         item = {"pixels": torch.stack([pixels for pixels, _, _ in done]), "time_ids": time_ids}
-        if self.keep_raw:
-            item.update(raw_images=images, raw_caption=caption)
         item["caption"] = "" if rng.random() < self.proportion_empty_prompts else caption
         return item
 
@@ -236,6 +266,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.seed = seed
         self.unreadable = UnreadableCounter()
+        self.jpg_1_wins: dict[int, bool] = {}  # AI feedback: a reward model's choice per row, over label_0
 
     def __len__(self):
         return len(self.rows)
@@ -246,7 +277,7 @@ class PairDataset(torch.utils.data.Dataset):
             row = self.rows[(index + attempt) % len(self.rows)]
             rng = random.Random(f"{self.seed}:{epoch}:{row}")
             try:
-                return self.transform(self.data[row], rng)
+                return self.transform(self.data[row], rng, self.jpg_1_wins.get(row))
             except UnreadableImage as err:
                 self.unreadable.warn(row, err)
         raise NoUsablePairs(f"none of the {len(self.rows)} pairs of the dataset has two readable images")
@@ -336,21 +367,42 @@ class StreamingPairs(torch.utils.data.IterableDataset):
                 raise NoUsablePairs(f"the stream has no usable pair: {rows} rows, {ties} ties, the rest unreadable")
 
 
-def collate_pairs(items: list[dict]) -> dict:
-    """Stack items into pixels (B, 2 or 1, 3, H, W) and a list of captions (and raw images, if kept)."""
-    batch = {"pixels": torch.stack([it["pixels"] for it in items]), "captions": [it["caption"] for it in items],
-             "time_ids": torch.stack([it["time_ids"] for it in items])}
-    if "raw_images" in items[0]:
-        batch["raw_images"] = [it["raw_images"] for it in items]
-        batch["raw_captions"] = [it["raw_caption"] for it in items]
+@dataclass
+class PairBatch:
+    """A micro-batch of B pairs, each with k images winner first (k = 2; k = 1 for sft), as the
+    dataloader gives it to the training step. Images come as pixels, or, from the latent cache,
+    as the VAE's posterior (mean and std) of each image; captions as text, or as token ids."""
+
+    time_ids: torch.Tensor  # (B, k, 6): each image's SDXL micro-conditioning (orig h, w, crop top, left, res, res)
+    captions: list[str] | None = None  # "" where the caption was dropped
+    caption_ids: list[torch.Tensor] | None = None  # or the token ids, one (B, max_length) tensor per tokenizer
+    pixels: torch.Tensor | None = None  # (B, k, 3, H, W) in [-1, 1]
+    latent_mean: torch.Tensor | None = None  # or, from the latent cache, (B, k, C, h, w) in the VAE's dtype
+    latent_std: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.time_ids.shape[0]
+
+    def pin_memory(self) -> "PairBatch":
+        """Pinned host memory for the tensors (the DataLoader calls this with pin_memory=True)."""
+        pin = lambda x: x.pin_memory() if isinstance(x, torch.Tensor) else x  # noqa: E731
+        return PairBatch(**{f.name: ([pin(t) for t in v] if isinstance(v, list) and v and isinstance(v[0], torch.Tensor)
+                                     else pin(v)) for f in fields(self) for v in [getattr(self, f.name)]})
+
+
+def collate_pairs(items: list[dict]) -> PairBatch:
+    """Stack items (from the images or from the latent cache) into a PairBatch."""
+    stack = lambda key: torch.stack([it[key] for it in items])  # noqa: E731
+    batch = PairBatch(time_ids=stack("time_ids"))
+    if "pixels" in items[0]:
+        batch.pixels = stack("pixels")
+    else:
+        batch.latent_mean, batch.latent_std = stack("latent_mean"), stack("latent_std")
+    if "caption" in items[0]:
+        batch.captions = [it["caption"] for it in items]
+    else:
+        batch.caption_ids = [torch.stack([it["caption_ids"][n] for it in items]) for n in range(len(items[0]["caption_ids"]))]
     return batch
-
-
-def order_by_scores(pixels: torch.Tensor, scores_0, scores_1) -> torch.Tensor:
-    """Put each pair winner-first by a scorer: swap the pair where jpg_1 scores higher than jpg_0
-    (pixels (B, 2, ...) in jpg_0, jpg_1 order). A tie keeps jpg_0 first, as the reference."""
-    swap = torch.tensor([s1 > s0 for s0, s1 in zip(scores_0, scores_1)], device=pixels.device)
-    return torch.where(swap.view(-1, *([1] * (pixels.ndim - 1))), pixels.flip(1), pixels)
 
 
 def first_samples(rows: list[int], count: int, seed: int) -> list[int]:
@@ -374,10 +426,11 @@ def hold_out(rows: list[int], count: int) -> tuple[list[int], list[int]]:
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
-def load_pairs(args, split: str, streaming: bool = False):
+def load_pairs(args, split: str, streaming: bool = False, flag: str = "--split"):
     """A split with its columns checked (the stream's from its first row)."""
     data = load_split(args.dataset_name, split, streaming=streaming, revision=args.dataset_revision,
-                      config_name=args.dataset_config_name, data_dir=args.train_data_dir, cache_dir=args.cache_dir)
+                      config_name=args.dataset_config_name, data_dir=args.train_data_dir, cache_dir=args.cache_dir,
+                      flag=flag)
     column_names = data.column_names
     if column_names is None:  # a stream whose features are unknown: look at its first row
         first = next(iter(data), None)
@@ -396,33 +449,33 @@ def validation_transform(args) -> PairTransform:
                          winners_only=args.train_method == "sft", caption_column=args.caption_column)
 
 
-def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int):
+def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int, cache=None):
     """The training dataloader for this process, positioned at micro-batch `start_micro_batch`,
     and the held-out validation pairs.
 
-    Returns (dataloader, number of training pairs or None when streaming, validation PairDataset
-    or None). --validation_pairs N holds N pairs out of the training split, or, with
-    --validation_split, takes the first N usable pairs of that split.
+    Returns (dataloader, number of training pairs or None when streaming, validation dataset or
+    None). --validation_pairs N holds N pairs out of the training split, or, with
+    --validation_split, takes the first N usable pairs of that split. With a latent cache
+    (sdpo.cache.LatentCache) the pairs come from it, with the same rows, order and random choices.
     """
+    if cache is not None:
+        return _cached_dataloader(args, cache, rank, world_size, start_micro_batch)
     transform = PairTransform(
         args.resolution,
         random_crop=args.random_crop,
         hflip=not args.no_hflip,
         proportion_empty_prompts=args.proportion_empty_prompts,
         winners_only=args.train_method == "sft",
-        keep_raw=bool(args.choice_model),
         caption_column=args.caption_column,
     )
     data = load_pairs(args, args.split, args.streaming)
-    # A generator of its own keeps the loader from drawing on the global RNG (exact resume).
-    common = dict(collate_fn=collate_pairs, num_workers=args.dataloader_num_workers,
-                  generator=torch.Generator().manual_seed(args.seed), pin_memory=torch.cuda.is_available())
     validation = None
     if args.validation_pairs and args.validation_split:
-        held_data = load_pairs(args, args.validation_split)
+        held_data = load_pairs(args, args.validation_split, flag="--validation_split")
         held_rows, _ = decided_rows(held_data["label_0"])
-        if not held_rows:
-            raise InputError(f"--validation_split {args.validation_split}: no usable pair (all ties)")
+        if len(held_rows) < args.validation_pairs:
+            raise InputError(f"--validation_pairs {args.validation_pairs}: --validation_split {args.validation_split} "
+                             f"has only {len(held_rows)} usable pairs")
         validation = PairDataset(held_data, held_rows[: args.validation_pairs], validation_transform(args), args.seed)
 
     if args.streaming:
@@ -433,7 +486,16 @@ def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int
             data = data.take(args.max_train_samples)
         dataset = StreamingPairs(data, transform, args.seed, start_items=start_micro_batch * args.train_batch_size)
         logger.info("streaming %s: ties are dropped as they go by", args.dataset_name)
-        return torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, **common), None, validation
+        if args.dataloader_num_workers:
+            # Workers would each read a share of the stream's files and resume at their own place;
+            # one reader keeps the order, and a resume, exact.
+            logger.warning("--streaming reads in the main process: --dataloader_num_workers %d is not used",
+                           args.dataloader_num_workers)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, collate_fn=collate_pairs,
+                                             num_workers=0,
+                                             generator=torch.Generator().manual_seed(args.seed),
+                                             pin_memory=torch.cuda.is_available())
+        return loader, None, validation
 
     rows, ties = decided_rows(data["label_0"])
     if not rows:
@@ -446,8 +508,33 @@ def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int
     if args.max_train_samples is not None and args.max_train_samples < len(rows):
         rows = first_samples(rows, args.max_train_samples, args.seed)
     dataset = PairDataset(data, rows, transform, args.seed)
-    sampler = PairBatchSampler(
-        len(dataset), args.train_batch_size, args.seed, rank, world_size,
-        shuffle=args.split == "train", start=start_micro_batch,
-    )
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **common), len(dataset), validation
+    return _loader(args, dataset, rank, world_size, start_micro_batch), len(dataset), validation
+
+
+def _loader(args, dataset, rank: int, world_size: int, start_micro_batch: int):
+    sampler = PairBatchSampler(len(dataset), args.train_batch_size, args.seed, rank, world_size,
+                               shuffle=args.split == "train", start=start_micro_batch)
+    # A generator of its own keeps the loader from drawing on the global RNG (exact resume).
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_pairs,
+                                       num_workers=args.dataloader_num_workers,
+                                       generator=torch.Generator().manual_seed(args.seed),
+                                       pin_memory=torch.cuda.is_available())
+
+
+def _cached_dataloader(args, cache, rank: int, world_size: int, start_micro_batch: int):
+    from sdpo.cache import CachedPairs
+
+    rows = cache.rows()
+    logger.info("latent cache %s: %d pairs (ties were dropped when it was built)", args.latent_cache, len(rows))
+    sft = args.train_method == "sft"
+    validation = None
+    if args.validation_pairs:
+        rows, held_rows = hold_out(rows, args.validation_pairs)
+        validation = CachedPairs(cache, held_rows, args.seed, args.resolution, hflip=False,
+                                 proportion_empty_prompts=0.0, empty_ids=cache.empty_ids, winners_only=sft)
+    if args.max_train_samples is not None and args.max_train_samples < len(rows):
+        rows = first_samples(rows, args.max_train_samples, args.seed)
+    dataset = CachedPairs(cache, rows, args.seed, args.resolution, hflip=not args.no_hflip,
+                          proportion_empty_prompts=args.proportion_empty_prompts, empty_ids=cache.empty_ids,
+                          winners_only=sft)
+    return _loader(args, dataset, rank, world_size, start_micro_batch), len(dataset), validation

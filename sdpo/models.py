@@ -66,16 +66,22 @@ def is_sdxl_pipeline(source: str) -> bool | None:
         raise InputError(f"{index}: unreadable ({first_line(err)})") from None
 
 
+def load_tokenizers(base: str, sdxl: bool, flag: str = "--pretrained_model_name_or_path", **hub):
+    """The tokenizers: one for SD1.5, two for SDXL."""
+    from transformers import CLIPTokenizer
+
+    names = ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",)
+    return [pretrained(CLIPTokenizer, base, flag, name, **hub) for name in names]
+
+
 def load_text_side(base: str, sdxl: bool, flag: str = "--pretrained_model_name_or_path", **hub):
     """The tokenizers and text encoders: one of each for SD1.5, two for SDXL."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    tokenizers = [pretrained(CLIPTokenizer, base, flag, "tokenizer", **hub)]
     encoders = [pretrained(CLIPTextModel, base, flag, "text_encoder", **hub)]
     if sdxl:
-        tokenizers.append(pretrained(CLIPTokenizer, base, flag, "tokenizer_2", **hub))
         encoders.append(pretrained(CLIPTextModelWithProjection, base, flag, "text_encoder_2", **hub))
-    return tokenizers, encoders
+    return load_tokenizers(base, sdxl, flag, **hub), encoders
 
 
 def load_vae(base: str, vae: str | None = None, vae_flag: str = "--pretrained_vae_model_name_or_path",
@@ -116,17 +122,10 @@ def check_same_shapes(model, reference, name: str, reference_name: str) -> None:
 
 def base_unet_shapes(base: str, flag: str = "--pretrained_model_name_or_path", **hub):
     """The base pipeline's UNet built from its config on the meta device: shapes, no weights."""
-    from diffusers import UNet2DConditionModel
-
-    try:
-        config = UNet2DConditionModel.load_config(base, subfolder="unet", **hub)
-    except Exception as err:
-        raise InputError(f"{flag}: cannot read the UNet config of {base}: {first_line(err)}") from None
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config)
+    return unet_from_config(base, flag, subfolder="unet", **hub)
 
 
-def _read_state_dict(path: str, flag: str) -> dict:
+def _read_state_dict(path: str, flag: str, mmap: bool = False) -> dict:
     """A state dict of tensors from a .safetensors or a pickled (.pth/.pt/.bin) file, never
     running a pickle: torch.load runs with weights_only=True."""
     if path.endswith(".safetensors"):
@@ -137,7 +136,7 @@ def _read_state_dict(path: str, flag: str) -> dict:
         except Exception as err:  # SafetensorError, OSError: truncated or not safetensors
             raise InputError(f"{flag} {path}: not a readable .safetensors file ({first_line(err)})") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # UnpicklingError, RuntimeError, EOFError, BadZipFile, ...
         raise InputError(f"{flag} {path}: refusing to load it: not a plain state dict of tensors, or truncated "
                          f"(weights_only=True rejected it: {first_line(err)})") from None
@@ -147,6 +146,100 @@ def _read_state_dict(path: str, flag: str) -> dict:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{flag} {path}: does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def checkpoint_shapes(spec: str, flag: str, **hub) -> dict:
+    """The parameter shapes a UNet checkpoint holds, read without loading its weights (safetensors
+    headers, a memory-mapped .pth, or a config), as meta tensors: a truncated or foreign file is
+    found here, in seconds."""
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    def from_safetensors(paths):
+        shapes = {}
+        for path in paths:
+            try:
+                with safe_open(path, "pt") as f:
+                    shapes.update({k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()})
+            except Exception as err:
+                raise InputError(f"{flag} {path}: not a readable .safetensors file ({first_line(err)})") from None
+        return shapes
+
+    if os.path.isdir(spec):
+        for folder in (os.path.join(spec, "unet"), spec):
+            if os.path.isfile(os.path.join(folder, "config.json")):
+                weights = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+                if weights:
+                    return from_safetensors([os.path.join(folder, f) for f in weights])
+                return unet_from_config(folder, f"{flag} {spec}").state_dict()
+        raise InputError(f"{flag} {spec}: a folder that holds no diffusers UNet (no config.json, no unet/config.json)")
+    if os.path.isfile(spec):
+        if spec.endswith(".safetensors"):
+            return from_safetensors([spec])
+        return {k: torch.empty(v.shape, device="meta") for k, v in _read_state_dict(spec, flag, mmap=True).items()}
+    if HUB_ID.fullmatch(spec):
+        return unet_from_config(spec, flag, subfolder="unet", **hub).state_dict()
+    raise InputError(f"{flag} {spec!r}: not found (give 'base', a folder, a .safetensors or a .pth file, or a hub id)")
+
+
+def unet_from_config(source: str, flag: str, subfolder: str | None = None, **hub):
+    """A UNet built from a config on the meta device: its shapes, no weights."""
+    from diffusers import UNet2DConditionModel
+
+    try:
+        config = UNet2DConditionModel.load_config(source, subfolder=subfolder, **hub)
+    except Exception as err:
+        raise InputError(f"{flag}: cannot read the UNet config of {source}: {first_line(err)}") from None
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+def check_unet(spec: str, base: str, flag: str, **hub) -> None:
+    """A UNet checkpoint must fit the base pipeline's UNet; checked without loading either's weights."""
+    if spec == "base":
+        return
+    mismatch = first_shape_mismatch(checkpoint_shapes(spec, flag, **hub), base_unet_shapes(base, **hub).state_dict())
+    if mismatch:
+        key, got, expected = mismatch
+        raise InputError(f"{flag} {spec} does not fit the UNet of {base}: parameter {key} is {got} there, "
+                         f"{expected} in the model")
+
+
+def check_pipeline(base: str, sdxl: bool, vae: str | None, flag: str = "--pretrained_model_name_or_path",
+                   vae_flag: str = "--pretrained_vae_model_name_or_path", **hub) -> None:
+    """The pipeline's parts must be there with readable configs (and the VAE's weights readable),
+    found before any weight loads."""
+    from diffusers import AutoencoderKL
+    from transformers import AutoConfig
+
+    base_unet_shapes(base, flag, **hub)
+    for name in ("text_encoder", "text_encoder_2")[: 2 if sdxl else 1]:
+        try:
+            AutoConfig.from_pretrained(base, subfolder=name, **hub)
+        except Exception as err:
+            raise InputError(f"{flag}: cannot read the {name} config of {base}: {first_line(err)}") from None
+    source, subfolder, which = (vae, None, vae_flag) if vae else (base, "vae", flag)
+    try:
+        AutoencoderKL.load_config(source, subfolder=subfolder, **hub)
+    except Exception as err:
+        raise InputError(f"{which}: cannot read the VAE config of {source}: {first_line(err)}") from None
+    folder = os.path.join(source, subfolder) if subfolder else source
+    if os.path.isdir(folder):
+        check_weight_files(folder, which)
+
+
+def check_weight_files(folder: str, flag: str) -> None:
+    """Every .safetensors file of a local model folder must have a readable header."""
+    from safetensors import safe_open
+
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(folder, name), "pt") as f:
+                    f.keys()
+            except Exception as err:
+                raise InputError(f"{flag} {os.path.join(folder, name)}: not a readable .safetensors file "
+                                 f"({first_line(err)})") from None
 
 
 def load_unet(spec: str, base: str, flag: str = "--unet_path", base_flag: str = "--pretrained_model_name_or_path",
@@ -171,6 +264,10 @@ def load_unet(spec: str, base: str, flag: str = "--unet_path", base_flag: str = 
                 check_same_shapes(unet, base_unet_shapes(base, base_flag, **hub), f"{flag} {spec}", f"the UNet of {base}")
                 return unet
         raise InputError(f"{flag} {spec}: a folder that holds no diffusers UNet (no config.json, no unet/config.json)")
+    if not os.path.exists(spec) and HUB_ID.fullmatch(spec):  # a hub repository with a unet/ folder
+        unet = pretrained(UNet2DConditionModel, spec, flag, "unet", **hub)
+        check_same_shapes(unet, base_unet_shapes(base, base_flag, **hub), f"{flag} {spec}", f"the UNet of {base}")
+        return unet
     if not os.path.isfile(spec):
         raise InputError(f"{flag} {spec!r}: not found (give 'base', a folder, a .safetensors or a .pth file)")
     state = _read_state_dict(spec, flag)

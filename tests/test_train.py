@@ -50,17 +50,20 @@ def test_every_objective_trains(tiny, tmp_path, arch, method, safeguard, weighti
         extra += ["--is_mask_threshold", "0.0"]  # keep every pair so the step always moves the weights
     logs = run_in_process(tiny_train_args(tiny[arch], tiny["data"], str(tmp_path), *extra))
     assert math.isfinite(logs["loss"])
+    first, second = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     if method != "sft":
-        assert 0.0 <= logs["implicit_acc"] <= 1.0
-        assert 0.0 <= logs["loser_scale"] <= 1.0
+        # Step 1: the policy is the reference, so every logit is 0 and the two MSEs are equal.
+        assert first["implicit_acc"] == 0.0
+        assert first["winner_minus_ref"] == 0.0 and first["loser_minus_ref"] == 0.0
+        assert second["winner_minus_ref"] != 0.0  # step 1 moved the policy
         if not safeguard:
-            assert logs["loser_scale"] == 1.0
+            assert first["loser_scale"] == second["loser_scale"] == 1.0
     if weighting != "none":
         assert logs["kept_fraction"] == 1.0 and logs["importance_weight"] > 0
     trained = unet_weights(tmp_path / "unet")
     base = unet_weights(os.path.join(tiny[arch], "unet"))
     assert any(not torch.equal(trained[k], base[k]) for k in base)
-    assert "method" in (tmp_path / "README.md").read_text()
+    assert f"| method | {method} |" in (tmp_path / "README.md").read_text()
 
 
 def test_clip_mask_masks_everything_at_a_high_threshold(tiny, tmp_path):
@@ -197,6 +200,7 @@ def test_two_processes_on_cpu(tiny, tmp_path):
     args = tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path), "--max_train_steps", "2",
                            "--gradient_accumulation_steps", "2", "--checkpointing_steps", "2",
                            "--use_winner_preserving", "--winner_preserving_mu", "0.5")
+    args = args[: args.index("--seed")] + args[args.index("--seed") + 2:]  # a seed drawn once, shared
     env = {**os.environ, "PYTHONPATH": ROOT, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", "29533", os.path.join(ROOT, "train.py"), *args],
@@ -211,6 +215,9 @@ def test_two_processes_on_cpu(tiny, tmp_path):
     assert not torch.equal(r0, r1)
     config = json.loads((tmp_path / "train_config.json").read_text())
     assert config["derived"]["num_processes"] == 2 and config["derived"]["pairs_per_step"] == 8
+    seed = config["seed"]
+    assert config["derived"]["process_seeds"] == [seed, seed + 1]  # what each process used
+    assert json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["seed"] == seed
 
 
 def test_streaming_trains(tiny, tmp_path):
@@ -225,7 +232,7 @@ def test_checkpoint_of_the_wrong_model_is_refused(tiny, tmp_path, capsys):
         run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "a"),
                                        "--unet_init", tiny["sdxl"], "--max_train_steps", "1"))
     assert exit_info.value.code == 2
-    assert "does not match the UNet of" in capsys.readouterr().err
+    assert "does not fit the UNet of" in capsys.readouterr().err  # found before any weight loads
     ckpt = tmp_path / "b" / "checkpoint-1"
     shutil.copytree(os.path.join(tiny["sdxl"], "unet"), ckpt / "unet")
     for name in ("optimizer.pt", "lr_scheduler.pt"):
@@ -247,27 +254,36 @@ def test_epochs_when_no_step_count(tiny, tmp_path):
     assert steps == [1, 2, 3] and math.isfinite(logs["loss"])
 
 
-def test_order_by_scores_swaps_where_jpg_1_wins():
-    from sdpo.data import order_by_scores
-
-    pixels = torch.arange(3 * 2 * 2, dtype=torch.float32).view(3, 2, 2)
-    out = order_by_scores(pixels, [0.5, 0.1, 0.3], [0.2, 0.9, 0.3])  # jpg_0 wins, jpg_1 wins, tie
-    assert torch.equal(out[0], pixels[0]) and torch.equal(out[1], pixels[1].flip(0)) and torch.equal(out[2], pixels[2])
-
-
-def test_choice_model_relabels_with_a_scorer(tiny, tmp_path):
+def test_choice_model_relabels_with_a_scorer(tiny, tmp_path, monkeypatch):
+    import eval.scorers
     from eval.tiny import build_tiny_scorers
+    from sdpo.data import decode_image, load_split
 
     sources = build_tiny_scorers(str(tmp_path / "scorers"))["clip"]
     flags = [x for k, v in sources.items() for x in ("--choice_model_source", f"clip.{k}={v}")]
-    logs = run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "out"), "--max_train_steps", "2",
-                                          "--checkpointing_steps", "0", "--choice_model", "clip", *flags))
+    args = tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "out"), "--max_train_steps", "2",
+                           "--checkpointing_steps", "0", "--choice_model", "clip", *flags)
+    logs = run_in_process(args)
     assert math.isfinite(logs["loss"])
+    chosen = json.loads((tmp_path / "out" / "choices-clip.json").read_text())["jpg_1_wins"]
+    # Each choice is the scorer's: jpg_1 wins where it scores higher.
+    scorer = eval.scorers.build_scorer("clip", **sources)
+    data = load_split(tiny["data"], "train")
+
+    for row in list(chosen)[:6]:
+        item = data[int(row)]
+        s0, s1 = scorer.score([decode_image(item["jpg_0"]), decode_image(item["jpg_1"])], [item["caption"]] * 2)
+        assert chosen[row] == (s1 > s0)
+    assert len(chosen) == 42  # every decided pair (48 rows, 6 ties)
     run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "labels"), "--max_train_steps", "2",
                                    "--checkpointing_steps", "0"))
     # Same seed, same data and noise: only the scorer's choice of winners differs.
     a, b = unet_weights(tmp_path / "out" / "unet"), unet_weights(tmp_path / "labels" / "unet")
     assert any(not torch.equal(a[k], b[k]) for k in a)
+    # A second run with the same scorer reuses the choices: no scorer is built.
+    monkeypatch.setattr(eval.scorers, "build_scorer", lambda *a, **k: (_ for _ in ()).throw(AssertionError("scored")))
+    args[args.index("--output_dir") + 1] = str(tmp_path / "out")
+    run_in_process([*args, "--resume_from_checkpoint", ""])
 
 
 def test_tensorboard_scalars_and_metrics_file(tiny, tmp_path):
@@ -418,7 +434,7 @@ def test_train_config_records_every_setting_and_loads_no_model(tiny, tmp_path, m
     assert d["effective_lr"] == pytest.approx(1e-6 * 2 * 3) and d["pairs_per_step"] == 6
     assert d["num_processes"] == 1 and d["optimizer"] == "Adafactor"
     assert d["gradient_clipping"] == "clip at 0.5" and d["loss_precision"] == "reference"
-    assert d["seed_of_process_0"] == 0 and "seed + process index" in d["process_seeds"]
+    assert d["seed_of_process_0"] == 0 and d["process_seeds"] == [0]
     assert d["timestep_range"] == [100, 1000] and d["reference_unet"] == "base"
     assert config["max_train_steps"] == 2000 and config["beta_dpo"] == 5000.0 and config["seed"] == 0
     assert not (tmp_path / "unet").exists()
@@ -539,7 +555,7 @@ def test_launchers_dry_run_record_the_reference_settings(tiny, tmp_path, launche
     config = json.loads((tmp_path / "train_config.json").read_text())
     d = config["derived"]
     assert d["gradient_clipping"] == "clip at 1.0" and d["loss_precision"] == "reference"
-    assert "seed + process index" in d["process_seeds"] and d["seed_of_process_0"] == config["seed"]
+    assert d["process_seeds"] == [config["seed"]] and d["seed_of_process_0"] == config["seed"]
     assert d["optimizer"] == ("Adafactor" if arch == "sdxl" else "AdamW")
     assert config["gradient_checkpointing"] == (arch == "sdxl") and config["mixed_precision"] == "bf16"
     paper = {"sd15_diffusion_dpo": (5000, 0.9, 0.0, 1e-8), "sd15_dspo": (0.001, 0.2, 0.0, 1e-8),
@@ -548,3 +564,20 @@ def test_launchers_dry_run_record_the_reference_settings(tiny, tmp_path, launche
     assert (config["beta_dpo"], config["winner_preserving_mu"], config["dmpo_alpha"], config["learning_rate"]) == paper
     assert config["use_winner_preserving"] and config["scale_lr"] and config["allow_tf32"]
     assert not (tmp_path / "unet").exists()
+
+
+def test_compile_trains_like_eager(tiny, tmp_path):
+    """--compile (inductor on CPU) gives the same training within float tolerance, and saves the
+    UNet under its own parameter names."""
+    common = ["--max_train_steps", "2", "--checkpointing_steps", "2", "--use_winner_preserving",
+              "--winner_preserving_mu", "0.5"]
+    eager = run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "eager"), *common))
+    compiled = run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "compiled"), *common,
+                                              "--compile"))
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+    a, b = unet_weights(tmp_path / "eager" / "unet"), unet_weights(tmp_path / "compiled" / "unet")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
+    saved = unet_weights(tmp_path / "compiled" / "checkpoint-2" / "unet")
+    assert not any("_orig_mod" in k for k in saved)

@@ -86,7 +86,12 @@ BAD_SETTINGS = [
     (["--beta_dpo", "0"], ["--beta_dpo must be > 0"]),
     (["--beta_dpo", "-5"], ["--beta_dpo must be > 0"]),
     (["--learning_rate=-1e-5"], ["--learning_rate must be >= 0"]),
-    (["--seed", "-1"], ["--seed must be >= 0"]),
+    (["--seed", "-1"], ["--seed must lie in [0, 2**32)"]),
+    (["--seed", "4294967296"], ["--seed must lie in [0, 2**32)"]),
+    (["--beta_dpo", "inf"], ["--beta_dpo must be a finite number"]),
+    (["--split", "nope"], ["--split nope: no parquet files"]),
+    (["--validation_pairs", "2", "--validation_split", "nope"], ["--validation_split nope: no parquet files"]),
+    (["--validation_pairs", "2", "--validation_split", "train"], ["--validation_split train is the training split"]),
     (["--train_batch_size", "0"], ["--train_batch_size must be >= 1"]),
     (["--dmpo_alpha", "1.5"], ["--dmpo_alpha"]),
     (["--use_winner_preserving", "--winner_preserving_mu", "2"], ["--winner_preserving_mu must lie in [0, 1]"]),
@@ -108,8 +113,10 @@ def test_bad_paths_end_in_one_line(tiny, tmp_path, capsys, bad_files):
         ({"model": str(root / "no-such-model")}, [], ["--pretrained_model_name_or_path", "no such folder"]),
         ({"model": "someone/not-in-the-cache"}, [], ["--pretrained_model_name_or_path", "cannot load"]),
         ({"model": str(root / "a_file")}, [], ["--pretrained_model_name_or_path", "a file, not a folder"]),
-        ({"out": str(root / "a_file")}, [], ["--output_dir", "a file, not a folder"]),
-        ({"out": str(root / "a_file" / "under")}, [], ["--output_dir", "cannot write there"]),
+        ({"out": str(root / "a_file")}, [], ["--output_dir", "a file is in the way"]),
+        ({"out": str(root / "a_file" / "under")}, [], ["--output_dir", "lies under a file"]),
+        ({}, ["--report_to", "tensorboard", "--logging_dir", str(root / "a_file")], ["--logging_dir", "a file"]),
+        ({}, ["--cache_dir", str(root / "a_file")], ["--cache_dir", "a file is in the way"]),
         ({"data": str(root / "no-such-data")}, [], ["could not load dataset"]),
         ({"data": bad_files["empty"]}, [], ["is empty"]),
         ({"data": bad_files["ties"]}, [], ["no usable pair", "all ties"]),
@@ -137,11 +144,23 @@ def test_sdxl_unet_with_an_sd15_base_is_refused(tiny, tmp_path, capsys):
                           "--unet_init", "does not fit the UNet of")
 
 
+@pytest.fixture(scope="module")
+def sdxl_unet_pth(tiny, tmp_path_factory):
+    from diffusers import UNet2DConditionModel
+
+    path = tmp_path_factory.mktemp("sdxl-unet") / "unet.pth"
+    torch.save(UNet2DConditionModel.from_pretrained(tiny["sdxl"], subfolder="unet").state_dict(), path)
+    return str(path)
+
+
 @pytest.mark.parametrize("launcher,flags,fragment", [
     ("sd15_dspo", ["--beta_dpo=-1"], "--beta_dpo must be > 0"),
     ("sdxl_dmpo", ["--resolution=30"], "--resolution must be a positive multiple of 8"),
+    ("sd15_dmpo", ["--unet_init={garbage}"], "not a readable .safetensors file"),
+    ("sd15_diffusion_dpo", ["--unet_init={sdxl_pth}"], "does not fit the UNet of"),
 ])
-def test_errors_survive_the_launchers(tiny, tmp_path, launcher, flags, fragment):
+def test_errors_survive_the_launchers(tiny, tmp_path, bad_files, sdxl_unet_pth, launcher, flags, fragment):
+    flags = [f.format(garbage=bad_files["root"] / "garbage.safetensors", sdxl_pth=sdxl_unet_pth) for f in flags]
     arch = launcher.split("_")[0]
     env = {**os.environ, "NUM_GPUS": "1", "MODEL_NAME": tiny[arch], "VAE_NAME": os.path.join(tiny[arch], "vae"),
            "DATASET_NAME": tiny["data"], "OUTPUT_DIR": str(tmp_path)}
@@ -248,12 +267,18 @@ def test_a_nan_step_is_skipped_and_the_run_goes_on(tiny, tmp_path, monkeypatch):
     assert any(not torch.equal(weights[k], base[k]) for k in base)
 
 
-def test_a_skipped_step_leaves_the_weights_alone(tiny, tmp_path, monkeypatch):
-    poison_steps(monkeypatch, {1})
-    run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path), "--max_train_steps", "1",
-                                   "--checkpointing_steps", "0"))
-    trained, base = unet_weights(tmp_path / "unet"), unet_weights(os.path.join(tiny["sd15"], "unet"))
-    assert all(torch.equal(trained[k], base[k]) for k in base)
+def test_a_skipped_step_leaves_the_weights_alone(tiny, tmp_path, monkeypatch, capsys):
+    poison_steps(monkeypatch, {2})
+    run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "a"), "--max_train_steps", "2",
+                                   "--checkpointing_steps", "1"))
+    after_1, final = unet_weights(tmp_path / "a" / "checkpoint-1" / "unet"), unet_weights(tmp_path / "a" / "unet")
+    assert all(torch.equal(after_1[k], final[k]) for k in final)  # step 2 changed nothing
+    # A run in which no step could be applied saves nothing.
+    poison_steps(monkeypatch, {1, 2, 3, 4})
+    expect_one_line_error(capsys, tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "b"),
+                                                  "--max_train_steps", "1", "--checkpointing_steps", "0"),
+                          "no update was made", status=1)
+    assert not (tmp_path / "b" / "unet").exists()
 
 
 def test_too_many_skipped_steps_stop_the_run(tiny, tmp_path, monkeypatch, capsys):
@@ -299,6 +324,22 @@ def test_resume_refuses_a_checkpoint_with_other_settings(tiny, tmp_path, capsys)
     assert math.isfinite(logs["loss"])
     config = json.loads((tmp_path / "train_config.json").read_text())
     assert config["derived"]["resumed_from"].endswith("checkpoint-1")
+
+
+def test_damaged_checkpoints_and_a_fresh_start_beside_old_ones_are_refused(tiny, tmp_path, capsys):
+    run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path), "--max_train_steps", "2",
+                                   "--checkpointing_steps", "1"))
+    expect_one_line_error(capsys, tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path), "--max_train_steps", "3",
+                                                  "--resume_from_checkpoint", ""),
+                          "holds an earlier run's checkpoints (up to checkpoint-2)", "another --output_dir")
+    optimizer = tmp_path / "checkpoint-2" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    expect_one_line_error(capsys, tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path), "--max_train_steps", "3"),
+                          "checkpoint-2/optimizer.pt is damaged or truncated")
+    (tmp_path / "checkpoint-1" / "trainer_state.json").write_text('{"global_step": 1, "se')
+    expect_one_line_error(capsys, tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path), "--max_train_steps", "3",
+                                                  "--resume_from_checkpoint", "checkpoint-1"),
+                          "trainer_state.json is damaged")
 
 
 def test_resume_survives_a_torn_metrics_line(tiny, tmp_path):
@@ -408,3 +449,57 @@ def test_plot_run_draws_training_and_validation_curves(tiny, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot_run.py"), str(tmp_path / "none")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().startswith("error:")
+
+
+def test_fp16_gradient_scaler_paths():
+    """train_step under fp16's gradient scaler (a real torch GradScaler, on CPU): an overflow lowers
+    the scale with no update and is not a failure; a non-finite loss with finite gradients skips
+    the update and leaves the scaler ready for the next step; then a normal step updates."""
+    import contextlib
+    import types
+
+    import train
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+
+    class Accelerator:  # what train_step uses of accelerate's, with accelerate's scaler calls
+        def __init__(self):
+            self.scaler = scaler
+
+        def no_sync(self, module):
+            return contextlib.nullcontext()
+
+        def backward(self, loss):
+            scaler.scale(loss).backward()
+
+        def clip_grad_norm_(self, params, max_norm):
+            scaler.unscale_(sgd)
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+        def reduce(self, tensor, reduction):
+            return tensor
+
+    class Optimizer:  # accelerate's AcceleratedOptimizer.step under fp16
+        def step(self):
+            scaler.step(sgd)
+            scaler.update()
+
+        def zero_grad(self, set_to_none=True):
+            sgd.zero_grad(set_to_none=set_to_none)
+
+    losses = iter([lambda y: y.sum() * 1e36, lambda y: y.sum() + float("nan"), lambda y: y.sum()])
+    run = types.SimpleNamespace(
+        args=types.SimpleNamespace(gradient_accumulation_steps=1, max_grad_norm=1.0), accelerator=Accelerator(),
+        unet=model, optimizer=Optimizer(), lr_scheduler=torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 1.0),
+        step=lambda batch: (next(losses)(model(torch.ones(2, 3))), {}))
+    batches = iter(range(3))
+    before = model.weight.detach().clone()
+    _, status = train.train_step(run, batches)
+    assert status == "overflow" and scaler.get_scale() == 2.0**15 and torch.equal(model.weight, before)
+    _, status = train.train_step(run, batches)
+    assert status == "skipped" and torch.equal(model.weight, before)
+    _, status = train.train_step(run, batches)  # no "unscale_() has already been called"
+    assert status == "stepped" and not torch.equal(model.weight, before)

@@ -53,9 +53,13 @@ def test_bootstrap_contains_the_estimate_and_narrows():
         widths.append(high - low)
     assert widths[0] > widths[1] > widths[2]
     assert bootstrap_interval(np.ones(20)) == (1.0, 1.0)
-    # deterministic: a fixed seed gives the same interval twice
+    # The percentile bootstrap written out: 10,000 resamples of the pairs from default_rng(0).
     r = rng.choice([0.0, 1.0], size=100)
-    assert bootstrap_interval(r) == bootstrap_interval(r)
+    means = r[np.random.default_rng(0).integers(0, 100, size=(10_000, 100))].mean(axis=1)
+    assert bootstrap_interval(r) == (float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975)))
+    few = r[np.random.default_rng(1).integers(0, 100, size=(7, 100))].mean(axis=1)  # the seed is used
+    assert bootstrap_interval(r, samples=7, seed=1) == (float(np.quantile(few, 0.025)), float(np.quantile(few, 0.975)))
+    assert bootstrap_interval(r, samples=7, seed=1) != bootstrap_interval(r, samples=7, seed=2)
 
 
 def test_no_common_prompt_is_an_error():

@@ -12,7 +12,7 @@ and compares them (tables, a win-rate chart and an HTML page), exercising the ev
 The models and the reward models are random and the data synthetic: the curves illustrate the
 mechanism and the tables show that the harness works; they say nothing about image quality.
 
-    python -m sdpo.demo --out demo_output
+    python demo.py --out demo_output        (scripts/demo.sh sets up the environment and runs this)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # Per objective: its beta on this toy problem (the papers' values are for real models and data).
 OBJECTIVES = {"diffusion-dpo": ["--beta_dpo", "5000"],

@@ -1,0 +1,524 @@
+"""Time and count the training step and sampling on the real SD1.5 / SDXL architectures.
+
+    python bench.py --arch sd15 --resolution 64 --batch_size 1 --steps 2 --json out.json     # CPU
+    python bench.py --arch sdxl --resolution 1024 --count_only                                # FLOPs only
+    python bench.py --arch sd15 --resolution 512 --batch_size 8 --mixed_precision bf16 \\
+        --latent_cache --compile --compare reference                                        # a GPU
+    python bench.py --arch sd15 --mode sample --resolution 512 --batch_size 16                # generation
+    python bench.py --mode loader --resolution 512 --batch_size 8                             # data loading
+
+The models are built from the configs in sdpo/configs/ with random weights (or loaded from a local
+pipeline folder with --pretrained). The training step is train.py's own: `train.setup` builds the
+same Step, optimizer and schedule, and `train.train_step` runs the same micro-batches, backward,
+clip and optimizer step; only the batches are synthetic (random pixels, or random latents with
+--latent_cache). Defaults follow the launchers: the safeguard on, AdamW for SD1.5, Adafactor with
+gradient checkpointing for SDXL.
+
+Printed, and written to --json:
+- FLOPs per pair, counted with torch's FlopCounterMode over one real step and split into the VAE,
+  the text encoders, the policy UNet (forward and backward), the reference UNet (forward) and the
+  optimizer. These are model FLOPs: the count runs without gradient checkpointing, and the forward
+  it recomputes is reported apart (`recompute_flops_per_pair`). --count_only builds everything on
+  the meta device and only counts (any size fits);
+- step time after warm-up (CUDA events on a GPU), pairs/s, peak memory, and MFU against the GPU's
+  peak bf16 dense FLOP/s (a table below, or --peak_tflops; null on a CPU);
+- with --compare reference: the same measurement for the reference-equivalent configuration in the
+  same process (images encoded every step, the reference's loss precision, no compile) and the
+  speed-up over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+import train
+from sdpo import architectures
+from sdpo.errors import ArgumentParser, InputError, reports_input_errors
+from sdpo.files import write_json_atomic
+
+# Peak dense bf16 tensor-core FLOP/s per GPU (vendor datasheets), matched against the device name.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 70.0, "A10": 125.0, "L40S": 362.0, "L40": 181.0,
+               "L4": 121.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0}
+PAPER = {"sd15": dict(mu="0.9", adafactor=False, checkpointing=False),
+         "sdxl": dict(mu="0.6", adafactor=True, checkpointing=True)}
+CAPTION = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=architectures.ARCHITECTURES, default="sd15")
+    p.add_argument("--pretrained", default=None, help="a local pipeline folder instead of random weights")
+    p.add_argument("--mode", choices=["train", "sample", "loader"], default="train")
+    p.add_argument("--resolution", type=int, default=None, help="default 512 (SD1.5) or 1024 (SDXL)")
+    p.add_argument("--batch_size", type=int, default=1, help="pairs per step (train), prompts per batch (sample)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (or sampling batches)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--train_method", default="diffusion-dpo", choices=["diffusion-dpo", "dspo", "dmpo", "sft"])
+    p.add_argument("--mixed_precision", default=None, choices=["no", "bf16", "fp16"],
+                   help="default bf16 on a GPU, no on a CPU")
+    p.add_argument("--loss_precision", default="fp32", choices=["reference", "fp32"])
+    p.add_argument("--use_adafactor", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--latent_cache", action="store_true", help="batches of cached latents: no VAE in the step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNets (train.py --compile)")
+    p.add_argument("--compare", choices=["reference"], default=None,
+                   help="also time the reference-equivalent configuration and print the speed-up")
+    p.add_argument("--count_only", action="store_true", help="count FLOPs on the meta device; no timing")
+    p.add_argument("--sample_steps", type=int, default=50, help="denoising steps per image (--mode sample)")
+    p.add_argument("--loader_pairs", type=int, default=64, help="rows of the synthetic parquet (--mode loader)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4], help="dataloader workers to time")
+    p.add_argument("--peak_tflops", type=float, default=None, help="the device's peak FLOP/s in TFLOP/s, for MFU")
+    p.add_argument("--device", default=None, help="default: cuda if available")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    args.resolution = args.resolution or (1024 if args.arch == "sdxl" else 512)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.mixed_precision is None:
+        args.mixed_precision = "bf16" if args.device.startswith("cuda") else "no"
+    for flag, key in (("use_adafactor", "adafactor"), ("gradient_checkpointing", "checkpointing")):
+        if getattr(args, flag) is None:
+            setattr(args, flag, PAPER[args.arch][key])
+    if args.resolution % 8 or args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+        raise InputError("--resolution must be a multiple of 8, --batch_size and --steps >= 1, --warmup >= 0")
+    return args
+
+
+# ---- the training step ------------------------------------------------------------------------
+
+
+def train_args(args, *, latent_cache: bool, loss_precision: str, compile_: bool):
+    """train.py's settings for a benchmark step, as the launchers set them."""
+    argv = ["--pretrained_model_name_or_path", args.pretrained or f"<{args.arch} random>", "--dataset_name", "<synthetic>",
+            "--output_dir", tempfile.mkdtemp(prefix="bench-"), "--resolution", str(args.resolution),
+            "--train_batch_size", str(args.batch_size), "--train_method", args.train_method,
+            "--mixed_precision", args.mixed_precision, "--loss_precision", loss_precision, "--report_to", "none",
+            "--seed", "0", "--lr_warmup_steps", "0"]
+    if args.train_method != "sft":
+        argv += ["--use_winner_preserving", "--winner_preserving_mu", PAPER[args.arch]["mu"]]
+    argv += ["--use_adafactor" if args.use_adafactor else "--no-use_adafactor",
+             "--gradient_checkpointing" if args.gradient_checkpointing else "--no-gradient_checkpointing"]
+    if args.arch == "sdxl":
+        argv.append("--sdxl")
+    if compile_:
+        argv.append("--compile")
+    if latent_cache:
+        argv += ["--latent_cache", "<synthetic>"]
+    return train.parse_args(argv)
+
+
+def synthetic_batches(args, targs, latent_cache: bool):
+    """Endless batches shaped like the dataloader's: random pixels, or random cached latents and
+    token ids (as the cache stores them)."""
+    from sdpo.data import PairBatch
+
+    B, k = args.batch_size, (1 if targs.train_method == "sft" else 2)
+    g = torch.Generator().manual_seed(0)
+    size = args.resolution // 8
+    dtype = train.vae_dtype_for(targs, train.WEIGHT_DTYPES.get(targs.mixed_precision, torch.float32))
+    while True:
+        batch = PairBatch(time_ids=torch.zeros(B, k, 6))
+        if latent_cache:
+            batch.latent_mean = torch.randn(B, k, 4, size, size, generator=g).to(dtype)
+            batch.latent_std = torch.full((B, k, 4, size, size), 1e-3, dtype=dtype)
+            batch.caption_ids = [torch.randint(0, 49406, (B, 77), generator=g) for _ in range(1 + (args.arch == "sdxl"))]
+        else:
+            batch.pixels = torch.rand(B, k, 3, args.resolution, args.resolution, generator=g) * 2 - 1
+            batch.captions = [CAPTION] * B
+        yield batch
+
+
+def build_run(args, parts, device: torch.device, *, latent_cache=False, loss_precision=None, compile_=None):
+    """train.py's Run for a benchmark configuration, on `device` (meta: count FLOPs only)."""
+    targs = train_args(args, latent_cache=latent_cache, loss_precision=loss_precision or args.loss_precision,
+                       compile_=args.compile if compile_ is None else compile_)
+    accelerator = train.make_accelerator(targs, targs.mixed_precision, cpu=device.type != "cuda",
+                                         device_placement=device.type != "meta")
+    scheduler = architectures.noise_scheduler(args.arch)
+    timesteps = (0, scheduler.config.num_train_timesteps)
+    vae = parts[2]
+    inputs = train.Inputs(config=train.run_config(targs, 1, accelerator.mixed_precision, timesteps, None),
+                          noise_scheduler=scheduler, timesteps=timesteps, dataloader=None, num_pairs=None,
+                          validation_pairs=None, start_step=0, resume_path=None,
+                          scaling_factor=vae.config.scaling_factor)
+    if latent_cache:  # training from a cache loads no VAE
+        parts = (*parts[:2], None, *parts[3:])
+    run = train.setup(targs, accelerator, inputs, parts, device=device)
+    return run, synthetic_batches(args, targs, latent_cache)
+
+
+def model_parts(args, device):
+    """(tokenizers, text encoders, VAE, policy, reference) on `device`: the shipped architecture
+    with random weights, or a local pipeline (on the meta device, from its configs alone)."""
+    import copy
+
+    if not args.pretrained:
+        return architectures.build(args.arch, with_reference=args.train_method != "sft", device=device)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdpo import models
+
+    sdxl = args.arch == "sdxl"
+    if str(device) == "meta":
+        with torch.device("meta"):
+            encoders = [cls(AutoConfig.from_pretrained(args.pretrained, subfolder=name)) for cls, name in
+                        [(CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2")][: 1 + sdxl]]
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(args.pretrained, subfolder="vae"))
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(args.pretrained, subfolder="unet"))
+        tokenizers = models.load_tokenizers(args.pretrained, sdxl, "--pretrained")
+    else:
+        tokenizers, encoders = models.load_text_side(args.pretrained, sdxl, "--pretrained")
+        vae = models.load_vae(args.pretrained, None, flag="--pretrained")
+        unet = models.load_unet("base", args.pretrained, base_flag="--pretrained")
+    return tokenizers, encoders, vae, unet, None if args.train_method == "sft" else copy.deepcopy(unet)
+
+
+def count_flops(run, batches) -> dict:
+    """FLOPs of one training step by part, without gradient checkpointing (model FLOPs). Count on
+    the meta device: there attention decomposes into matrix products the counter sees, where
+    the CPU's fused attention kernel has no FLOP formula and would count as 0."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = run.accelerator.unwrap_model(run.unet)
+    unet = getattr(unet, "_orig_mod", unet)
+    checkpointing = unet.is_gradient_checkpointing
+    if checkpointing:
+        unet.disable_gradient_checkpointing()
+    ref = run.ref_unet
+    if ref is not None:  # a class name of its own, so that the counter keeps the two UNets apart
+        ref.__class__ = type("ReferenceUNet", (type(ref),), {})
+    step = run.step
+    vae_flops = []
+    if step.vae is not None:  # encode() is not forward(): count it with a counter of its own
+        encode = step.vae.encode
+
+        def counted_encode(*args, **kwargs):
+            with FlopCounterMode(display=False) as inner:
+                out = encode(*args, **kwargs)
+            vae_flops.append(inner.get_total_flops())
+            return out
+
+        step.vae.encode = counted_encode
+    try:
+        batch = next(batches)
+        with FlopCounterMode(display=False) as counter:
+            loss, _ = step(batch)
+            loss.backward()
+        with FlopCounterMode(display=False) as optimizer_counter:
+            run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    finally:
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        if step.vae is not None:
+            del step.vae.encode
+    by_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items() if "." not in name}
+    parts = {"vae": sum(vae_flops),
+             "text": by_module.get("CLIPTextModel", 0) + by_module.get("CLIPTextModelWithProjection", 0),
+             "policy": by_module.get("UNet2DConditionModel", 0),
+             "reference": by_module.get("ReferenceUNet", 0),
+             "optimizer": optimizer_counter.get_total_flops()}
+    parts["total"] = counter.get_total_flops() + parts["optimizer"]
+    return parts
+
+
+def time_steps(run, batches, args) -> tuple[float, list[float]]:
+    """Seconds per training step after warm-up (CUDA events on a GPU), and every step's time."""
+    cuda = run.accelerator.device.type == "cuda"
+    for _ in range(args.warmup):
+        train.train_step(run, batches)
+    times = []
+    for _ in range(args.steps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            train.train_step(run, batches)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            started = time.perf_counter()
+            train.train_step(run, batches)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times), times
+
+
+def peak_memory(device) -> int:
+    if str(device).startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def peak_flops(args, device) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def bench_train(args) -> dict:
+    device = torch.device("meta") if args.count_only else torch.device(args.device)
+    meta = torch.device("meta")
+    counted_run, counted_batches = build_run(args, model_parts(args, meta), meta, latent_cache=args.latent_cache,
+                                             compile_=False)  # eager: the counter sees every operator
+    flops = count_flops(counted_run, counted_batches)
+    optimizer = counted_run.optimizer.__class__.__name__
+    del counted_run, counted_batches
+    if not args.count_only:
+        run, batches = build_run(args, model_parts(args, "cpu"), device, latent_cache=args.latent_cache)
+    pairs = args.batch_size
+    result = {"mode": "train", "arch": args.arch, "resolution": args.resolution, "batch_size": pairs,
+              "device": str(device), "mixed_precision": args.mixed_precision, "latent_cache": args.latent_cache,
+              "compile": args.compile, "loss_precision": args.loss_precision, "optimizer": optimizer,
+              "gradient_checkpointing": args.gradient_checkpointing,
+              "flops_per_pair": flops["total"] / pairs, "flops": {k: v / pairs for k, v in flops.items() if k != "total"},
+              "step_seconds": None, "pairs_per_second": None, "peak_memory_bytes": None, "mfu": None}
+    if args.gradient_checkpointing:  # the recomputed forward is the policy's forward: the reference's count
+        result["recompute_flops_per_pair"] = flops["reference"] / pairs
+    if args.count_only:
+        return result
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    seconds, times = time_steps(run, batches, args)
+    peak = peak_flops(args, device)
+    result.update(step_seconds=seconds, step_times=times, pairs_per_second=pairs / seconds,
+                  peak_memory_bytes=peak_memory(device),
+                  mfu=None if peak is None else flops["total"] / seconds / peak,
+                  device_name=torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu")
+    if args.compare == "reference":
+        del run, batches
+        gc.collect()
+        ref_flops = count_flops(*build_run(args, model_parts(args, meta), meta, latent_cache=False,
+                                           loss_precision="reference", compile_=False))
+        ref_run, ref_batches = build_run(args, model_parts(args, "cpu"), device, latent_cache=False,
+                                         loss_precision="reference", compile_=False)
+        ref_seconds, ref_times = time_steps(ref_run, ref_batches, args)
+        result["reference"] = {"flops_per_pair": ref_flops["total"] / pairs, "step_seconds": ref_seconds,
+                               "step_times": ref_times, "pairs_per_second": pairs / ref_seconds,
+                               "mfu": None if peak is None else ref_flops["total"] / ref_seconds / peak}
+        result["speedup_over_reference"] = ref_seconds / seconds
+    return result
+
+
+# ---- sampling and data loading ------------------------------------------------------------------
+
+
+def sample_flops(args) -> int:
+    """FLOPs of one batch of generation, counted on the meta device: the prompts and the empty
+    prompt through the text encoders, `--sample_steps` UNet forwards on the conditional and
+    unconditional batch, and the VAE decode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdpo.conditioning import PromptEncoder
+
+    meta = torch.device("meta")
+    tokenizers, encoders, vae, unet, _ = model_parts(argparse.Namespace(**{**vars(args), "train_method": "sft"}), meta)
+    n, size = args.batch_size, args.resolution // 8
+    with FlopCounterMode(display=False) as counter:
+        cond = PromptEncoder(tokenizers, encoders, args.resolution)([CAPTION] * n + [""], meta)
+        both = type(cond)(**{k: None if v is None else torch.cat([v[:n], v[n:].expand(n, *v.shape[1:])])
+                             for k, v in vars(cond).items()})
+        unet(torch.zeros(2 * n, 4, size, size, device=meta), torch.zeros((), device=meta), **both.unet_kwargs())
+    per_step = counter.get_total_flops()
+    with FlopCounterMode(display=False) as text_counter:
+        PromptEncoder(tokenizers, encoders, args.resolution)([CAPTION] * n + [""], meta)
+    with FlopCounterMode(display=False) as vae_counter:
+        vae.decode(torch.zeros(n, 4, size, size, device=meta))
+    unet_flops = per_step - text_counter.get_total_flops()
+    return text_counter.get_total_flops() + args.sample_steps * unet_flops + vae_counter.get_total_flops()
+
+
+def bench_sample(args) -> dict:
+    if args.count_only:
+        flops = sample_flops(args)
+        return {"mode": "sample", "arch": args.arch, "resolution": args.resolution, "batch_size": args.batch_size,
+                "sample_steps": args.sample_steps, "device": "meta", "flops_per_image": flops / args.batch_size,
+                "batch_seconds": None, "images_per_second": None, "peak_memory_bytes": None, "mfu": None}
+    from diffusers import EulerDiscreteScheduler
+
+    from sdpo.conditioning import PromptEncoder
+    from sdpo.sampling import sample
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
+    tokenizers, encoders, vae, unet, _ = model_parts(argparse.Namespace(**{**vars(args), "train_method": "sft"}),
+                                                     "cpu")
+    for encoder in encoders:
+        encoder.to(device, dtype).eval()
+    unet.to(device, dtype).eval()
+    vae.to(device, torch.float32).eval()
+    prompt_encoder = PromptEncoder(tokenizers, encoders, args.resolution)
+    scheduler = EulerDiscreteScheduler.from_config(architectures.config(args.arch, "scheduler"))
+    prompts = [CAPTION] * args.batch_size
+
+    def generate(steps):
+        return sample(unet, vae, prompt_encoder, scheduler, prompts, args.resolution, args.resolution, steps, 7.5, 0,
+                      dtype)
+
+    flops = sample_flops(args)  # per batch of args.batch_size images
+    for _ in range(args.warmup):
+        generate(args.sample_steps)
+    times = []
+    for _ in range(args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        generate(args.sample_steps)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    seconds = statistics.median(times)
+    peak = peak_flops(args, device)
+    return {"mode": "sample", "arch": args.arch, "resolution": args.resolution, "batch_size": args.batch_size,
+            "sample_steps": args.sample_steps, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "flops_per_image": flops / args.batch_size, "batch_seconds": seconds,
+            "images_per_second": args.batch_size / seconds, "peak_memory_bytes": peak_memory(device),
+            "mfu": None if peak is None else flops / seconds / peak}
+
+
+def synthetic_cache(targs, tokenizers, folder: str, dtype=torch.bfloat16):
+    """A latent cache of the dataset in targs, written as sdpo.cache writes one but with random
+    latents of the right shape (the loader's speed does not depend on their values)."""
+    from safetensors.torch import save_file
+
+    from sdpo.cache import MANIFEST, cache_settings
+    from sdpo.data import decided_rows, load_split
+
+    data = load_split(targs.dataset_name, targs.split)
+    rows, _ = decided_rows(data["label_0"])
+    size = targs.resolution // 8
+    n = len(rows)
+    tensors = {"row": torch.tensor(rows), "readable": torch.ones(n, dtype=torch.uint8),
+               "label": torch.tensor([float(data[r]["label_0"]) for r in rows], dtype=torch.float64),
+               "original_size": torch.full((n, 2, 2), targs.resolution, dtype=torch.int32),
+               "mean": torch.randn(n, 2, 2, 4, size, size).to(dtype), "std": torch.rand(n, 2, 2, 4, size, size).to(dtype)}
+    for i, tokenizer in enumerate(tokenizers):
+        tensors[f"ids_{i}"] = torch.randint(0, 49406, (n, tokenizer.model_max_length), dtype=torch.int32)
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "shard-00000.safetensors"))
+    write_json_atomic({"settings": cache_settings(targs, dtype, tokenizers), "pairs": n, "scaling_factor": 0.18215,
+                       "shards": [{"file": "shard-00000.safetensors", "pairs": n}]}, os.path.join(folder, MANIFEST))
+
+
+def bench_loader(args) -> dict:
+    """The training dataloader's pairs/s with each number of workers: from a synthetic Pick-a-Pic
+    parquet of JPEGs at the resolution (decoding, resizing, cropping, flipping, collating), and from
+    a latent cache of it (reading the latents of the chosen flips and the token ids)."""
+    from sdpo.cache import LatentCache
+    from sdpo.conditioning import PromptEncoder
+    from sdpo.data import build_dataloader
+    from sdpo.tiny import build_tiny_pickapic
+
+    folder = tempfile.mkdtemp(prefix="bench-loader-")
+    build_tiny_pickapic(folder, num_rows=args.loader_pairs, size=(args.resolution, args.resolution), tie_fraction=0.0)
+    tokenizers = architectures.tokenizers(args.arch)
+    results = {"parquet": {}, "cache": {}}
+    for source in results:
+        for workers in args.workers:
+            targs = train.parse_args(["--pretrained_model_name_or_path", "<synthetic>", "--dataset_name", folder,
+                                      "--resolution", str(args.resolution), "--train_batch_size", str(args.batch_size),
+                                      "--seed", "0", "--dataloader_num_workers", str(workers),
+                                      *(["--sdxl"] if args.arch == "sdxl" else [])])
+            cache = None
+            if source == "cache":
+                targs.latent_cache = os.path.join(folder, "cache")
+                if not os.path.isdir(targs.latent_cache):
+                    synthetic_cache(targs, tokenizers, targs.latent_cache)
+                cache = LatentCache(targs.latent_cache, targs, torch.bfloat16, tokenizers)
+                cache.empty_ids = [ids[0] for ids in PromptEncoder(tokenizers, [], args.resolution).token_ids([""])]
+            loader, pairs, _ = build_dataloader(targs, rank=0, world_size=1, start_micro_batch=0, cache=cache)
+            batches = iter(loader)
+            next(batches)  # start the workers
+            count = max(1, (pairs // args.batch_size) * 2)
+            started = time.perf_counter()
+            for _ in range(count):
+                next(batches)
+            results[source][str(workers)] = count * args.batch_size / (time.perf_counter() - started)
+            del batches, loader
+    return {"mode": "loader", "arch": args.arch, "resolution": args.resolution, "batch_size": args.batch_size,
+            "pairs_per_second": results}
+
+
+# ---- output -------------------------------------------------------------------------------------
+
+
+def human(value, unit="") -> str:
+    if value is None:
+        return "-"
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def seconds(value) -> str:
+    return "-" if value is None else f"{value:.3f} s"
+
+
+def percent(value) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def report(result: dict) -> str:
+    lines = [f"{result['mode']} | {result.get('arch', '')} | {result['resolution']} px | "
+             f"batch {result['batch_size']} | {result.get('device_name', result.get('device', ''))}"]
+    if result["mode"] == "train":
+        total = result["flops_per_pair"]
+        lines.append(f"FLOPs per pair      {human(total, 'FLOP')}")
+        for part in ("vae", "text", "policy", "reference", "optimizer"):
+            value = result["flops"][part]
+            lines.append(f"  {part:17s} {human(value, 'FLOP'):>12s}  {value / total if total else 0:6.1%}")
+        if "recompute_flops_per_pair" in result:
+            lines.append(f"  (recomputed by gradient checkpointing, not counted: "
+                         f"{human(result['recompute_flops_per_pair'], 'FLOP')})")
+        rate = result["pairs_per_second"]
+        lines += [f"step time           {seconds(result['step_seconds'])}",
+                  f"pairs/s             {'-' if rate is None else f'{rate:.3f}'}",
+                  f"peak memory         {human(result['peak_memory_bytes'], 'B')}",
+                  f"MFU                 {percent(result['mfu'])}"]
+        if "reference" in result:
+            ref = result["reference"]
+            lines += [f"reference-equivalent (images encoded every step, reference loss precision, no compile): "
+                      f"{seconds(ref['step_seconds'])}/step, {ref['pairs_per_second']:.3f} pairs/s, "
+                      f"MFU {percent(ref['mfu'])}",
+                      f"speed-up over it    {result['speedup_over_reference']:.2f}x"]
+    elif result["mode"] == "sample":
+        rate = result["images_per_second"]
+        lines += [f"FLOPs per image     {human(result['flops_per_image'], 'FLOP')} ({result['sample_steps']} steps)",
+                  f"images/s            {'-' if rate is None else f'{rate:.3f}'}",
+                  f"peak memory         {human(result['peak_memory_bytes'], 'B')}",
+                  f"MFU                 {percent(result['mfu'])}"]
+    else:
+        lines += [f"pairs/s from {source}, {w} workers: {v:.1f}" for source, rates in result["pairs_per_second"].items()
+                  for w, v in rates.items()]
+    return "\n".join(lines)
+
+
+@reports_input_errors
+def main(argv=None):
+    args = parse_args(argv)
+    train.quiet_libraries()
+    result = {"train": bench_train, "sample": bench_sample, "loader": bench_loader}[args.mode](args)
+    result["command"] = ["bench.py", *(sys.argv[1:] if argv is None else argv)]
+    print(report(result))
+    if args.json:
+        write_json_atomic(result, args.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()

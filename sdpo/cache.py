@@ -1,0 +1,358 @@
+"""A latent cache: each image of each pair encoded by the VAE once, so that training needs neither
+the VAE nor image decoding.
+
+    python -m sdpo.cache --pretrained_model_name_or_path M --dataset_name D --resolution R --output_dir C \\
+        [--sdxl] [--pretrained_vae_model_name_or_path V] [--mixed_precision bf16] [--split train] ...
+    accelerate launch train.py ... (the same flags) --latent_cache C
+
+For every pair with a decided label (ties are never trained on) it stores, in the VAE's dtype, the
+VAE posterior's mean and std of both images at the training crop (the center crop: a random crop
+cannot be cached), each unflipped and flipped, the caption's token ids for every tokenizer, each
+image's original size (for `--sdxl_true_time_ids`) and whether the pair is readable. Training
+then draws exactly what it draws from the images: each image's flip and the empty caption from
+the same per-row generator, and `latent_dist.sample()` as mean + std * randn on the same random
+stream. On a CPU the result is bitwise the weights of training from the images when the VAE sees
+the same number of images per call in both (an image and its mirror per call here with
+`--encode_batch_size 2`, a pair per call in training at `--train_batch_size 1`): convolution
+kernels choose their arithmetic by batch size.
+
+Files: `shard-NNNNN.safetensors` (written whole, then renamed), `progress.json` (the settings and
+the shards done, so that a killed build resumes where it stopped) and `manifest.json` (written last:
+a cache without it is incomplete). A cache is refused, in one line, by a run whose dataset,
+resolution, crop, VAE, dtype or tokenizers differ from those it was built with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import logging
+import os
+import random
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sdpo.errors import ArgumentParser, InputError, reports_input_errors
+from sdpo.files import atomic_path, check_output_dir, file_identity, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "sdpo-latent-cache/1"
+MANIFEST, PROGRESS = "manifest.json", "progress.json"
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def dataset_identity(args) -> dict:
+    """What the cache was built from; local parquet files are identified by size and mtime."""
+    from sdpo.data import _parquet_files
+
+    name = args.dataset_name
+    files = None
+    if os.path.isdir(name):
+        files = _parquet_files(os.path.join(name, args.train_data_dir) if args.train_data_dir else name, args.split)
+    elif os.path.isfile(name):
+        files = [name]
+    return {"dataset_name": os.path.abspath(name) if os.path.exists(name) else name, "split": args.split,
+            "dataset_config_name": args.dataset_config_name, "train_data_dir": args.train_data_dir,
+            "dataset_revision": getattr(args, "dataset_revision", None), "caption_column": args.caption_column,
+            "files": [[os.path.basename(f), *file_identity(f)] for f in files] if files else None}
+
+
+def vae_identity(args) -> dict:
+    """The VAE by its source and a hash of its config and weight files' sizes and mtimes."""
+    source = args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path
+    folder = source if args.pretrained_vae_model_name_or_path else os.path.join(source, "vae")
+    weights = sorted(glob.glob(os.path.join(folder, "*.safetensors")) + glob.glob(os.path.join(folder, "*.bin")))
+    return {"source": os.path.abspath(source) if os.path.exists(source) else source,
+            "subfolder": None if args.pretrained_vae_model_name_or_path else "vae",
+            "weights": [[os.path.basename(w), *file_identity(w)] for w in weights]}
+
+
+def cache_settings(args, vae_dtype: torch.dtype, tokenizers) -> dict:
+    """Everything that decides a cache's content; a run must match it to use the cache."""
+    vocab = hashlib.sha256(json.dumps([sorted(t.get_vocab().items()) for t in tokenizers]).encode()).hexdigest()
+    return {"format": FORMAT, "dataset": dataset_identity(args), "resolution": args.resolution, "crop": "center",
+            "sdxl": bool(args.sdxl), "vae": vae_identity(args), "vae_dtype": str(vae_dtype).removeprefix("torch."),
+            "tokenizers": {"count": len(tokenizers), "vocab_sha256": vocab,
+                           "max_length": [t.model_max_length for t in tokenizers]}}
+
+
+def _differences(a: dict, b: dict, prefix="") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key}: {x!r} in the cache, {y!r} now")
+    return out
+
+
+# ---- building -----------------------------------------------------------------------------------
+
+
+def encode_rows(data, rows, args, vae, tokenizers, encode_batch_size: int):
+    """The tensors of one shard: for each row, both images (jpg_0, jpg_1) at the center crop,
+    unflipped and flipped, through the VAE."""
+    from sdpo.data import UnreadableImage, decode_image, resize_and_crop, to_tensor
+
+    images, readable, sizes, captions = [], [], [], []
+    for row in rows:
+        item = data[row]
+        try:
+            pair = [decode_image(item[c]) for c in ("jpg_0", "jpg_1")]
+        except UnreadableImage as err:
+            logger.warning("row %d: %s; the pair is stored as unreadable and skipped in training", row, err)
+            pair = None
+        readable.append(pair is not None)
+        sizes.append([[im.size[1], im.size[0]] for im in pair] if pair else [[0, 0], [0, 0]])
+        for k in range(2):
+            if pair:
+                tensor = to_tensor(resize_and_crop(pair[k], args.resolution)[0])
+            else:
+                tensor = torch.zeros(3, args.resolution, args.resolution)
+            images += [tensor, tensor.flip(-1)]  # an image and its mirror, always in the same VAE call
+        caption = item[args.caption_column]
+        captions.append("" if caption is None else caption if isinstance(caption, str) else str(caption))
+    pixels = torch.stack(images)
+    means, stds = [], []
+    with torch.no_grad():
+        for start in range(0, len(pixels), encode_batch_size):
+            chunk = pixels[start : start + encode_batch_size].to(vae.device, vae.dtype)
+            dist = vae.encode(chunk).latent_dist
+            means.append(dist.mean.cpu())
+            stds.append(dist.std.cpu())
+    shape = (len(rows), 2, 2, *means[0].shape[1:])  # row, image (jpg_0, jpg_1), flip (no, yes), C, h, w
+    tensors = {"row": torch.tensor(rows, dtype=torch.int64), "readable": torch.tensor(readable, dtype=torch.uint8),
+               "label": torch.tensor([float(data[r]["label_0"]) for r in rows], dtype=torch.float64),
+               "original_size": torch.tensor(sizes, dtype=torch.int32),
+               "mean": torch.cat(means).reshape(shape).contiguous(), "std": torch.cat(stds).reshape(shape).contiguous()}
+    for n, tokenizer in enumerate(tokenizers):
+        tensors[f"ids_{n}"] = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
+                                        truncation=True, return_tensors="pt").input_ids.to(torch.int32)
+    return tensors
+
+
+def build(args) -> str:
+    """Build (or finish) the cache in args.output_dir; returns the manifest's path."""
+    from tqdm.auto import tqdm
+
+    from sdpo import models
+    from sdpo.data import decided_rows, load_pairs
+
+    if args.random_crop:
+        raise InputError("--random_crop: a latent cache holds one crop per image (the center crop); train from the "
+                         "images for random crops")
+    if args.encode_batch_size < 2 or args.encode_batch_size % 2:
+        raise InputError(f"--encode_batch_size must be an even number >= 2 (an image and its mirror go together), "
+                         f"got {args.encode_batch_size}")
+    check_output_dir(args.output_dir, "--output_dir")
+    models.check_source(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+    hub = dict(revision=args.revision, cache_dir=args.cache_dir)
+    tokenizers = models.load_tokenizers(args.pretrained_model_name_or_path, args.sdxl, **hub)
+    vae_dtype = DTYPES[args.mixed_precision]
+    if args.sdxl and vae_dtype == torch.float16 and not args.pretrained_vae_model_name_or_path:
+        vae_dtype = torch.float32  # as training: SDXL's own VAE overflows in fp16
+    settings = cache_settings(args, vae_dtype, tokenizers)
+    manifest_path = os.path.join(args.output_dir, MANIFEST)
+    progress_path = os.path.join(args.output_dir, PROGRESS)
+    done = {}
+    for path in (manifest_path, progress_path):
+        if os.path.isfile(path):
+            with open(path) as f:
+                recorded = json.load(f)
+            differ = _differences(recorded["settings"], settings)
+            if differ:
+                raise InputError(f"--output_dir {args.output_dir} holds a cache built with other settings ("
+                                 f"{'; '.join(differ[:3])}); use another folder")
+            if path == manifest_path:
+                print(f"{args.output_dir}: the cache is complete ({recorded['pairs']} pairs)")
+                return manifest_path
+            done = {s["file"]: s for s in recorded["shards"]}
+    data = load_pairs(args, args.split)
+    rows, ties = decided_rows(data["label_0"])
+    if not rows:
+        raise InputError(f"dataset {args.dataset_name!r} has no pair with a decided label (all {ties} are ties)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vae = models.load_vae(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, **hub)
+    vae = vae.to(device, vae_dtype).eval()
+    shards = []
+    stats = torch.zeros(4, dtype=torch.float64)  # sum of std, max std, sum of |mean|, count
+    chunks = [rows[i : i + args.shard_pairs] for i in range(0, len(rows), args.shard_pairs)]
+    for number, chunk in enumerate(tqdm(chunks, desc="latent cache", unit="shard")):
+        name = f"shard-{number:05d}.safetensors"
+        shard = {"file": name, "pairs": len(chunk)}
+        if name not in done or not os.path.isfile(os.path.join(args.output_dir, name)):
+            tensors = encode_rows(data, chunk, args, vae, tokenizers, args.encode_batch_size)
+            with atomic_path(os.path.join(args.output_dir, name)) as tmp:
+                save_file(tensors, tmp)
+            std, mean = tensors["std"].double(), tensors["mean"].double()
+            shard["std"] = [float(std.sum()), float(std.max()), float(mean.abs().sum()), std.numel()]
+        else:
+            shard = done[name]
+        stats[[0, 2, 3]] += torch.tensor([shard["std"][0], shard["std"][2], shard["std"][3]], dtype=torch.float64)
+        stats[1] = max(float(stats[1]), shard["std"][1])
+        shards.append(shard)
+        write_json_atomic({"settings": settings, "shards": shards}, progress_path)
+    # How much the posterior's std matters: next to |mean|, a tiny std makes the draw nearly the mean.
+    posterior = {"mean_std": float(stats[0] / stats[3]), "max_std": float(stats[1]),
+                 "mean_abs_mean": float(stats[2] / stats[3])}
+    manifest = {"settings": settings, "shards": shards, "pairs": len(rows), "ties": ties,
+                "scaling_factor": vae.config.scaling_factor, "posterior": posterior,
+                "bytes_per_pair": sum(os.path.getsize(os.path.join(args.output_dir, s["file"])) for s in shards)
+                / len(rows)}
+    write_json_atomic(manifest, manifest_path)
+    os.remove(progress_path)
+    print(f"{args.output_dir}: {len(rows)} pairs in {len(shards)} shard(s), "
+          f"{manifest['bytes_per_pair'] / 1024:.1f} KiB per pair; posterior std {posterior['mean_std']:.3g} on average "
+          f"(max {posterior['max_std']:.3g}) against a mean |latent| of {posterior['mean_abs_mean']:.3g}")
+    return manifest_path
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+
+class LatentCache:
+    """A complete cache, checked against a run's settings; rows are read lazily from the shards."""
+
+    def __init__(self, folder: str, args, vae_dtype: torch.dtype, tokenizers):
+        manifest_path = os.path.join(folder, MANIFEST)
+        if not os.path.isfile(manifest_path):
+            raise InputError(f"--latent_cache {folder}: not a complete latent cache (no {MANIFEST}; build it, or finish "
+                             f"building it, with python -m sdpo.cache)")
+        with open(manifest_path) as f:
+            self.manifest = json.load(f)
+        if args.random_crop:
+            raise InputError("--latent_cache holds center crops only: drop --random_crop")
+        differ = _differences(self.manifest["settings"], cache_settings(args, vae_dtype, tokenizers))
+        if differ:
+            raise InputError(f"--latent_cache {folder} was built for other settings: {'; '.join(differ[:3])}")
+        self.folder = folder
+        self.scaling_factor = self.manifest["scaling_factor"]
+        self.index, self.labels, self.readable, self.sizes = {}, {}, {}, {}
+        for shard in self.manifest["shards"]:
+            with safe_open(os.path.join(folder, shard["file"]), "pt") as f:
+                rows = f.get_tensor("row").tolist()
+                for offset, row in enumerate(rows):
+                    self.index[row] = (shard["file"], offset)
+                self.labels.update(zip(rows, f.get_tensor("label").tolist()))
+                self.readable.update(zip(rows, f.get_tensor("readable").bool().tolist()))
+                self.sizes.update(zip(rows, f.get_tensor("original_size").tolist()))
+        self.num_tokenizers = self.manifest["settings"]["tokenizers"]["count"]
+        self._open = {}
+
+    def rows(self) -> list[int]:
+        """The cached rows (every decided row of the split), in split order."""
+        return sorted(self.index)
+
+    def read(self, row: int) -> dict[str, torch.Tensor]:
+        """One row's mean, std (2 images x 2 flips x C x h x w) and token ids."""
+        name, offset = self.index[row]
+        handle = self._open.get(name)
+        if handle is None:  # one handle per shard and process (dataloader workers open their own)
+            handle = self._open[name] = safe_open(os.path.join(self.folder, name), "pt")
+        out = {key: handle.get_slice(key)[offset] for key in ("mean", "std")}
+        out["ids"] = [handle.get_slice(f"ids_{n}")[offset].long() for n in range(self.num_tokenizers)]
+        return out
+
+    def __getstate__(self):  # dataloader workers reopen the shards
+        return {**self.__dict__, "_open": {}}
+
+
+class CachedPairs(torch.utils.data.Dataset):
+    """Pairs from a latent cache, keyed (epoch, i) like sdpo.data.PairDataset, with the same random
+    choices: per image a flip (when hflip), then whether the caption is dropped, from a generator
+    seeded by (seed, epoch, row); an unreadable pair is skipped and the next readable one used."""
+
+    def __init__(self, cache: LatentCache, rows: list[int], seed: int, resolution: int, hflip: bool,
+                 proportion_empty_prompts: float, empty_ids: list[torch.Tensor], winners_only: bool = False):
+        from sdpo.data import UnreadableCounter
+
+        self.cache, self.rows, self.seed = cache, rows, seed
+        self.resolution, self.hflip, self.proportion_empty_prompts = resolution, hflip, proportion_empty_prompts
+        self.empty_ids, self.winners_only = empty_ids, winners_only
+        self.unreadable = UnreadableCounter()
+
+    def __len__(self):
+        return len(self.rows)
+
+    def item(self, row: int, rng: random.Random) -> dict:
+        from sdpo.data import center_crop, mirrored_left, resized_size
+
+        cached = self.cache.read(row)
+        order = (0, 1) if self.cache.labels[row] == 1 else (1, 0)  # winner first
+        order = order[:1] if self.winners_only else order
+        means, stds, time_ids = [], [], []
+        for image in order:
+            flip = int(self.hflip and rng.random() < 0.5)
+            h, w = self.cache.sizes[row][image]
+            new_w, new_h = resized_size(w, h, self.resolution)
+            top, left = center_crop(new_w, new_h, self.resolution)
+            left = mirrored_left(new_w, left, self.resolution) if flip else left
+            means.append(cached["mean"][image, flip])
+            stds.append(cached["std"][image, flip])
+            time_ids.append([h, w, top, left, self.resolution, self.resolution])
+        drop = rng.random() < self.proportion_empty_prompts
+        return {"latent_mean": torch.stack(means), "latent_std": torch.stack(stds),
+                "time_ids": torch.tensor(time_ids, dtype=torch.float32),
+                "caption_ids": self.empty_ids if drop else cached["ids"]}
+
+    def __getitem__(self, key):
+        from sdpo.data import NoUsablePairs
+
+        epoch, index = key
+        for attempt in range(len(self.rows)):
+            row = self.rows[(index + attempt) % len(self.rows)]
+            if self.cache.readable[row]:
+                return self.item(row, random.Random(f"{self.seed}:{epoch}:{row}"))
+            self.unreadable.warn(row, "an image of the pair could not be read when the cache was built")
+        raise NoUsablePairs(f"none of the {len(self.rows)} cached pairs has two readable images")
+
+
+# ---- the command ----------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(prog="python -m sdpo.cache", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--pretrained_model_name_or_path", required=True)
+    a("--pretrained_vae_model_name_or_path", default=None)
+    a("--revision", default=None)
+    a("--cache_dir", default=None)
+    a("--sdxl", action="store_true")
+    a("--dataset_name", required=True)
+    a("--dataset_revision", default=None)
+    a("--dataset_config_name", default=None)
+    a("--train_data_dir", default=None)
+    a("--split", default="train")
+    a("--caption_column", default="caption")
+    a("--resolution", type=int, default=None, help="default 512, SDXL 1024")
+    a("--random_crop", action="store_true", help="refused: a cache holds center crops")
+    a("--no_hflip", action="store_true", help="accepted and ignored: both flips are always stored")
+    a("--mixed_precision", default="bf16", choices=list(DTYPES), help="the VAE's dtype, as in training")
+    a("--output_dir", required=True, help="the cache folder")
+    a("--shard_pairs", type=int, default=1024, help="pairs per shard file")
+    a("--encode_batch_size", type=int, default=32, help="images per VAE call (even: an image and its mirror)")
+    a("--device", default=None, help="default: cuda if available")
+    args = p.parse_args(argv)
+    args.resolution = args.resolution or (1024 if args.sdxl else 512)
+    if args.resolution % 8 or args.resolution < 8:
+        raise InputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if args.shard_pairs < 1:
+        raise InputError(f"--shard_pairs must be >= 1, got {args.shard_pairs}")
+    return args
+
+
+@reports_input_errors
+def main(argv=None):
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    return build(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

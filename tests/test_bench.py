@@ -1,0 +1,69 @@
+"""bench.py on the tiny pipeline: the FLOP accounting adds up, the reference part is a forward of the
+reference UNet on the step's own inputs, and every mode writes its JSON."""
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+
+
+def bench_args(tiny, *extra):
+    return bench.parse_args(["--pretrained", tiny["sd15"], "--resolution", "32", "--batch_size", "2", "--steps", "1",
+                             "--warmup", "0", "--device", "cpu", *extra])
+
+
+@pytest.mark.parametrize("latent_cache", [False, True])
+def test_flop_accounting(tiny, latent_cache):
+    args = bench_args(tiny, *(["--latent_cache"] if latent_cache else []))
+    meta = torch.device("meta")  # as bench.py counts
+    run, batches = bench.build_run(args, bench.model_parts(args, meta), meta, latent_cache=latent_cache)
+    seen = []
+    forward = run.ref_unet.forward
+
+    def spy(*inputs, **kwargs):
+        seen.append((inputs, kwargs))
+        return forward(*inputs, **kwargs)
+
+    run.ref_unet.forward = spy
+    flops = bench.count_flops(run, batches)
+    parts = {k: v for k, v in flops.items() if k != "total"}
+    assert flops["total"] == sum(parts.values()) > 0
+    assert (parts["vae"] == 0) == latent_cache and parts["text"] > 0 and parts["optimizer"] == 0
+    # The reference part is one forward of the reference UNet on the same inputs, counted apart.
+    inputs, kwargs = seen[0]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        forward(*inputs, **kwargs)
+    assert parts["reference"] == counter.get_total_flops()
+    # The policy runs forward and backward on the same shapes: about three forwards.
+    assert 2.5 < parts["policy"] / parts["reference"] < 3.01
+
+
+def test_every_mode_writes_its_json(tiny, tmp_path):
+    train_json, sample_json, loader_json = (str(tmp_path / f"{m}.json") for m in ("train", "sample", "loader"))
+    bench.main(["--pretrained", tiny["sd15"], "--resolution", "32", "--batch_size", "2", "--steps", "1", "--warmup",
+                "0", "--device", "cpu", "--json", train_json])
+    result = json.load(open(train_json))
+    for key in ("flops_per_pair", "flops", "step_seconds", "pairs_per_second", "peak_memory_bytes", "mfu"):
+        assert key in result, key
+    assert set(result["flops"]) == {"vae", "text", "policy", "reference", "optimizer"}
+    assert result["mfu"] is None and result["step_seconds"] > 0 and result["peak_memory_bytes"] > 0
+    assert result["pairs_per_second"] == pytest.approx(2 / result["step_seconds"])
+    assert result["flops_per_pair"] == pytest.approx(sum(result["flops"].values()))
+
+    bench.main(["--pretrained", tiny["sd15"], "--resolution", "32", "--batch_size", "2", "--count_only", "--json",
+                str(tmp_path / "count.json")])
+    counted = json.load(open(tmp_path / "count.json"))
+    assert counted["flops"] == result["flops"] and counted["step_seconds"] is None  # the meta device counts alike
+
+    bench.main(["--pretrained", tiny["sd15"], "--mode", "sample", "--resolution", "32", "--batch_size", "2",
+                "--steps", "1", "--warmup", "0", "--sample_steps", "3", "--device", "cpu", "--json", sample_json])
+    sample = json.load(open(sample_json))
+    assert sample["images_per_second"] > 0 and sample["flops_per_image"] > 0
+
+    bench.main(["--mode", "loader", "--resolution", "32", "--batch_size", "2", "--loader_pairs", "8",
+                "--workers", "0", "--json", loader_json])
+    loader = json.load(open(loader_json))
+    assert loader["pairs_per_second"]["parquet"]["0"] > 0 and loader["pairs_per_second"]["cache"]["0"] > 0
