@@ -95,3 +95,18 @@ def read_json(path: str, flag: str):
                          f"truncated or not a JSON file?)") from None
     except OSError as err:
         raise InputError(f"{flag} {path}: cannot read it ({err.strerror or first_line(err)})") from None
+
+
+def read_records(path: str, flag: str, what: str, fields: tuple[str, ...]) -> list[dict]:
+    """A non-empty JSON list of records (a prompt suite, a manifest), each an object with a string
+    for every one of `fields`; else one line naming the first problem."""
+    records = read_json(path, flag)
+    names = " and ".join(f"'{f}'" for f in fields)
+    if not isinstance(records, list):
+        raise InputError(f"{flag} {path}: expected a JSON list of records with {names}, got a {type(records).__name__}")
+    if not records:
+        raise InputError(f"{flag} {path}: an empty {what} (no records)")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict) or not all(isinstance(record.get(f), str) for f in fields):
+            raise InputError(f"{flag} {path}: record {index} is not an object with a string {names}")
+    return records

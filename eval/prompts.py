@@ -201,15 +201,7 @@ def build(name: str, source: str, flag: str = "--source") -> list[dict]:
 
 def load_suite(path: str, flag: str = "--test_json") -> list[dict]:
     """A prompt suite: a non-empty JSON list of records, each with a string 'prompt'."""
-    suite = checks.read_json(path, flag)
-    if not isinstance(suite, list):
-        raise InputError(f"{flag} {path}: expected a JSON list of records with a 'prompt', got a {type(suite).__name__}")
-    if not suite:
-        raise InputError(f"{flag} {path}: an empty suite (no prompts)")
-    for index, entry in enumerate(suite):
-        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
-            raise InputError(f"{flag} {path}: record {index} is not an object with a string 'prompt'")
-    return suite
+    return checks.read_records(path, flag, "suite", ("prompt",))
 
 
 @reports_input_errors

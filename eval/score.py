@@ -44,15 +44,7 @@ def score_path(manifest_path: str, metric: str) -> str:
 def load_manifest(path: str, flag: str = "manifest") -> list[dict]:
     """A generation manifest: a non-empty JSON list of records with a string 'prompt' and
     'gen_image_path'. An empty one is refused: a mean over no images is not a score."""
-    records = checks.read_json(path, flag)
-    if not isinstance(records, list):
-        raise InputError(f"{flag} {path}: expected a JSON list of records, got a {type(records).__name__}")
-    if not records:
-        raise InputError(f"{flag} {path}: an empty manifest (no records): there is nothing to score")
-    for index, r in enumerate(records):
-        if not (isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("gen_image_path"), str)):
-            raise InputError(f"{flag} {path}: record {index} lacks a string 'prompt' or 'gen_image_path'")
-    return records
+    return checks.read_records(path, flag, "manifest", ("prompt", "gen_image_path"))
 
 
 def resolve_image(path: str, manifest_path: str) -> str:
