@@ -152,7 +152,6 @@ def checkpoint_shapes(spec: str, flag: str, **hub) -> dict:
     """The parameter shapes a UNet checkpoint holds, read without loading its weights (safetensors
     headers, a memory-mapped .pth, or a config), as meta tensors: a truncated or foreign file is
     found here, in seconds."""
-    from diffusers import UNet2DConditionModel
     from safetensors import safe_open
 
     def from_safetensors(paths):
