@@ -50,6 +50,14 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 70.0, "A10":
                "L4": 121.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0}
 PAPER = {"sd15": dict(mu="0.9", adafactor=False, checkpointing=False),
          "sdxl": dict(mu="0.6", adafactor=True, checkpointing=True)}
+# The optimizer's elementwise arithmetic, which FlopCounterMode does not count (it counts matrix
+# products, convolutions and attention), estimated per trainable parameter from the update rules:
+# AdamW: decoupled decay 1, first moment 3, second moment 4, sqrt(v)/c + eps 3, the update 3;
+# Adafactor (factored, as transformers runs it): RMS of the weight 2, grad^2 + eps 2, row and column
+# means 2, the factored estimate times the grad 2, RMS clip 3, lr 1, decay 2, the update 2;
+# train_step's gradient norm, always measured and applied: square and sum 2, scale 1.
+OPTIMIZER_FLOPS_PER_PARAMETER = {"AdamW": 14, "Adafactor": 16}
+GRAD_NORM_FLOPS_PER_PARAMETER = 3
 CAPTION = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 
 
@@ -89,6 +97,14 @@ def parse_args(argv=None):
             setattr(args, flag, PAPER[args.arch][key])
     if args.resolution % 8 or args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         raise InputError("--resolution must be a multiple of 8, --batch_size and --steps >= 1, --warmup >= 0")
+    if args.pretrained:
+        from sdpo import models
+
+        models.check_source(args.pretrained, "--pretrained")
+        sdxl = models.is_sdxl_pipeline(args.pretrained)
+        if sdxl is not None and sdxl != (args.arch == "sdxl"):
+            raise InputError(f"--pretrained {args.pretrained} is {'an SDXL' if sdxl else 'a SD1.5'} pipeline: pass "
+                             f"--arch {'sdxl' if sdxl else 'sd15'}")
     return args
 
 
@@ -115,16 +131,22 @@ def train_args(args, *, latent_cache: bool, loss_precision: str, compile_: bool)
     return train.parse_args(argv)
 
 
-def synthetic_batches(args, targs, latent_cache: bool):
+def synthetic_batches(args, targs, latent_cache: bool, count: int = 2):
     """Endless batches shaped like the dataloader's: random pixels, or random cached latents and
-    token ids (as the cache stores them)."""
+    token ids (as the cache stores them). `count` distinct batches are made before any timing and
+    then cycled (in pinned memory on a GPU, as the dataloader gives them), so that the timed steps
+    do not include making them: in training, dataloader workers prepare batches beside the step."""
+    import itertools
+
     from sdpo.data import PairBatch
 
     B, k = args.batch_size, (1 if targs.train_method == "sft" else 2)
     g = torch.Generator().manual_seed(0)
     size = args.resolution // 8
     dtype = train.vae_dtype_for(targs, train.WEIGHT_DTYPES.get(targs.mixed_precision, torch.float32))
-    while True:
+    pin = torch.cuda.is_available() and str(args.device).startswith("cuda")
+    batches = []
+    for _ in range(count):
         batch = PairBatch(time_ids=torch.zeros(B, k, 6))
         if latent_cache:
             batch.latent_mean = torch.randn(B, k, 4, size, size, generator=g).to(dtype)
@@ -133,16 +155,25 @@ def synthetic_batches(args, targs, latent_cache: bool):
         else:
             batch.pixels = torch.rand(B, k, 3, args.resolution, args.resolution, generator=g) * 2 - 1
             batch.captions = [CAPTION] * B
-        yield batch
+        if pin:
+            for name, value in vars(batch).items():
+                if isinstance(value, torch.Tensor):
+                    setattr(batch, name, value.pin_memory())
+                elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+                    setattr(batch, name, [v.pin_memory() for v in value])
+        batches.append(batch)
+    return itertools.cycle(batches)
 
 
 def build_run(args, parts, device: torch.device, *, latent_cache=False, loss_precision=None, compile_=None):
     """train.py's Run for a benchmark configuration, on `device` (meta: count FLOPs only)."""
+    from diffusers import DDPMScheduler
+
     targs = train_args(args, latent_cache=latent_cache, loss_precision=loss_precision or args.loss_precision,
                        compile_=args.compile if compile_ is None else compile_)
     accelerator = train.make_accelerator(targs, targs.mixed_precision, cpu=device.type != "cuda",
                                          device_placement=device.type != "meta")
-    scheduler = architectures.noise_scheduler(args.arch)
+    scheduler = scheduler_for(args, DDPMScheduler)
     timesteps = (0, scheduler.config.num_train_timesteps)
     vae = parts[2]
     inputs = train.Inputs(config=train.run_config(targs, 1, accelerator.mixed_precision, timesteps, None),
@@ -155,6 +186,15 @@ def build_run(args, parts, device: torch.device, *, latent_cache=False, loss_pre
     return run, synthetic_batches(args, targs, latent_cache)
 
 
+def scheduler_for(args, cls):
+    """The noise schedule of --pretrained, or of the shipped --arch config."""
+    if args.pretrained:
+        from sdpo import models
+
+        return models.load_scheduler(cls, args.pretrained, "--pretrained")
+    return cls.from_config(architectures.config(args.arch, "scheduler"))
+
+
 def model_parts(args, device):
     """(tokenizers, text encoders, VAE, policy, reference) on `device`: the shipped architecture
     with random weights, or a local pipeline (on the meta device, from its configs alone)."""
@@ -162,19 +202,11 @@ def model_parts(args, device):
 
     if not args.pretrained:
         return architectures.build(args.arch, with_reference=args.train_method != "sft", device=device)
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     from sdpo import models
 
     sdxl = args.arch == "sdxl"
     if str(device) == "meta":
-        with torch.device("meta"):
-            encoders = [cls(AutoConfig.from_pretrained(args.pretrained, subfolder=name)) for cls, name in
-                        [(CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2")][: 1 + sdxl]]
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(args.pretrained, subfolder="vae"))
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(args.pretrained, subfolder="unet"))
-        tokenizers = models.load_tokenizers(args.pretrained, sdxl, "--pretrained")
+        tokenizers, encoders, vae, unet = models.meta_pipeline(args.pretrained, sdxl, "--pretrained")
     else:
         tokenizers, encoders = models.load_text_side(args.pretrained, sdxl, "--pretrained")
         vae = models.load_vae(args.pretrained, None, flag="--pretrained")
@@ -183,9 +215,11 @@ def model_parts(args, device):
 
 
 def count_flops(run, batches) -> dict:
-    """FLOPs of one training step by part, without gradient checkpointing (model FLOPs). Count on
-    the meta device: there attention decomposes into matrix products the counter sees, where
-    the CPU's fused attention kernel has no FLOP formula and would count as 0."""
+    """FLOPs of one training step by part, without gradient checkpointing (model FLOPs), and the
+    policy's forward alone (what checkpointing recomputes). Count on the meta device: there
+    attention decomposes into matrix products the counter sees, where the CPU's fused attention
+    kernel has no FLOP formula and would count as 0. The optimizer's part is estimated from its
+    update rule (OPTIMIZER_FLOPS_PER_PARAMETER): the counter sees no elementwise arithmetic."""
     from torch.utils.flop_counter import FlopCounterMode
 
     unet = run.accelerator.unwrap_model(run.unet)
@@ -211,7 +245,8 @@ def count_flops(run, batches) -> dict:
     try:
         batch = next(batches)
         with FlopCounterMode(display=False) as counter:
-            loss, _ = step(batch)
+            with FlopCounterMode(display=False) as forward_counter:
+                loss, _ = step(batch)
             loss.backward()
         with FlopCounterMode(display=False) as optimizer_counter:
             run.optimizer.step()
@@ -221,13 +256,20 @@ def count_flops(run, batches) -> dict:
             unet.enable_gradient_checkpointing()
         if step.vae is not None:
             del step.vae.encode
-    by_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items() if "." not in name}
+    def by_module(flop_counter):
+        return {name: sum(ops.values()) for name, ops in flop_counter.get_flop_counts().items() if "." not in name}
+
+    modules = by_module(counter)
+    optimizer = getattr(run.optimizer, "optimizer", run.optimizer)
+    trainable = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    per_parameter = OPTIMIZER_FLOPS_PER_PARAMETER[type(optimizer).__name__] + GRAD_NORM_FLOPS_PER_PARAMETER
     parts = {"vae": sum(vae_flops),
-             "text": by_module.get("CLIPTextModel", 0) + by_module.get("CLIPTextModelWithProjection", 0),
-             "policy": by_module.get("UNet2DConditionModel", 0),
-             "reference": by_module.get("ReferenceUNet", 0),
-             "optimizer": optimizer_counter.get_total_flops()}
+             "text": modules.get("CLIPTextModel", 0) + modules.get("CLIPTextModelWithProjection", 0),
+             "policy": modules.get("UNet2DConditionModel", 0),
+             "reference": modules.get("ReferenceUNet", 0),
+             "optimizer": optimizer_counter.get_total_flops() + per_parameter * trainable}
     parts["total"] = counter.get_total_flops() + parts["optimizer"]
+    parts["policy_forward"] = by_module(forward_counter).get("UNet2DConditionModel", 0)
     return parts
 
 
@@ -276,7 +318,7 @@ def bench_train(args) -> dict:
     counted_run, counted_batches = build_run(args, model_parts(args, meta), meta, latent_cache=args.latent_cache,
                                              compile_=False)  # eager: the counter sees every operator
     flops = count_flops(counted_run, counted_batches)
-    optimizer = counted_run.optimizer.__class__.__name__
+    optimizer = type(getattr(counted_run.optimizer, "optimizer", counted_run.optimizer)).__name__
     del counted_run, counted_batches
     if not args.count_only:
         run, batches = build_run(args, model_parts(args, "cpu"), device, latent_cache=args.latent_cache)
@@ -285,10 +327,10 @@ def bench_train(args) -> dict:
               "device": str(device), "mixed_precision": args.mixed_precision, "latent_cache": args.latent_cache,
               "compile": args.compile, "loss_precision": args.loss_precision, "optimizer": optimizer,
               "gradient_checkpointing": args.gradient_checkpointing,
-              "flops_per_pair": flops["total"] / pairs, "flops": {k: v / pairs for k, v in flops.items() if k != "total"},
+              "flops_per_pair": flops["total"] / pairs, "flops": {k: flops[k] / pairs for k in ("vae", "text", "policy", "reference", "optimizer")},
               "step_seconds": None, "pairs_per_second": None, "peak_memory_bytes": None, "mfu": None}
-    if args.gradient_checkpointing:  # the recomputed forward is the policy's forward: the reference's count
-        result["recompute_flops_per_pair"] = flops["reference"] / pairs
+    if args.gradient_checkpointing:  # the backward recomputes the policy's forward
+        result["recompute_flops_per_pair"] = flops["policy_forward"] / pairs
     if args.count_only:
         return result
     if str(device).startswith("cuda"):
@@ -302,6 +344,10 @@ def bench_train(args) -> dict:
     if args.compare == "reference":
         del run, batches
         gc.collect()
+        torch._dynamo.reset()  # compiled graphs hold on to the first run's modules
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         ref_flops = count_flops(*build_run(args, model_parts(args, meta), meta, latent_cache=False,
                                            loss_precision="reference", compile_=False))
         ref_run, ref_batches = build_run(args, model_parts(args, "cpu"), device, latent_cache=False,
@@ -309,6 +355,7 @@ def bench_train(args) -> dict:
         ref_seconds, ref_times = time_steps(ref_run, ref_batches, args)
         result["reference"] = {"flops_per_pair": ref_flops["total"] / pairs, "step_seconds": ref_seconds,
                                "step_times": ref_times, "pairs_per_second": pairs / ref_seconds,
+                               "peak_memory_bytes": peak_memory(device),
                                "mfu": None if peak is None else ref_flops["total"] / ref_seconds / peak}
         result["speedup_over_reference"] = ref_seconds / seconds
     return result
@@ -354,7 +401,7 @@ def bench_sample(args) -> dict:
     from sdpo.sampling import sample
 
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
+    dtype = train.WEIGHT_DTYPES.get(args.mixed_precision, torch.float32)
     tokenizers, encoders, vae, unet, _ = model_parts(argparse.Namespace(**{**vars(args), "train_method": "sft"}),
                                                      "cpu")
     for encoder in encoders:
@@ -362,7 +409,7 @@ def bench_sample(args) -> dict:
     unet.to(device, dtype).eval()
     vae.to(device, torch.float32).eval()
     prompt_encoder = PromptEncoder(tokenizers, encoders, args.resolution)
-    scheduler = EulerDiscreteScheduler.from_config(architectures.config(args.arch, "scheduler"))
+    scheduler = scheduler_for(args, EulerDiscreteScheduler)
     prompts = [CAPTION] * args.batch_size
 
     def generate(steps):
@@ -419,7 +466,6 @@ def bench_loader(args) -> dict:
     parquet of JPEGs at the resolution (decoding, resizing, cropping, flipping, collating), and from
     a latent cache of it (reading the latents of the chosen flips and the token ids)."""
     from sdpo.cache import LatentCache
-    from sdpo.conditioning import PromptEncoder
     from sdpo.data import build_dataloader
     from sdpo.tiny import build_tiny_pickapic
 
@@ -439,7 +485,6 @@ def bench_loader(args) -> dict:
                 if not os.path.isdir(targs.latent_cache):
                     synthetic_cache(targs, tokenizers, targs.latent_cache)
                 cache = LatentCache(targs.latent_cache, targs, torch.bfloat16, tokenizers)
-                cache.empty_ids = [ids[0] for ids in PromptEncoder(tokenizers, [], args.resolution).token_ids([""])]
             loader, pairs, _ = build_dataloader(targs, rank=0, world_size=1, start_micro_batch=0, cache=cache)
             batches = iter(loader)
             next(batches)  # start the workers

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 from dataclasses import dataclass
 import json
 import logging
@@ -635,7 +636,6 @@ def check_inputs(args, num_processes: int, rank: int, mixed_precision: str) -> I
         tokenizers = models.load_tokenizers(args.pretrained_model_name_or_path, args.sdxl, **hub)
         cache = LatentCache(args.latent_cache, args, vae_dtype_for(args, WEIGHT_DTYPES.get(mixed_precision, torch.float32)),
                             tokenizers)
-        cache.empty_ids = [ids[0] for ids in PromptEncoder(tokenizers, [], args.resolution).token_ids([""])]
     dataloader, num_pairs, validation_pairs = build_dataloader(
         args, rank=rank, world_size=num_processes, start_micro_batch=start_step * args.gradient_accumulation_steps,
         cache=cache)
@@ -971,14 +971,18 @@ def choose_winners(args, accelerator, inputs: Inputs) -> None:
     from accelerate.utils import gather_object
 
     from eval.scorers import build_scorer, parse_sources, scorer_identity
-    from sdpo.data import UnreadableImage, decode_image
+    from sdpo.data import UnreadableImage, dataset_identity, decode_image
     from sdpo.files import first_difference
 
-    datasets = [d for d in (inputs.dataloader.dataset, inputs.validation_pairs) if d is not None]
-    rows = sorted({row for d in datasets for row in d.rows})
+    # The training pairs and the held-out ones, each with its split (--validation_split may be another).
+    parts = [(args.split, inputs.dataloader.dataset)]
+    if inputs.validation_pairs is not None:
+        parts.append((args.validation_split or args.split, inputs.validation_pairs))
     sources = parse_sources(args.choice_model_source, flag="--choice_model_source").get(args.choice_model, {})
-    record = {"scorer": scorer_identity(args.choice_model, sources), "dataset": args.dataset_name,
-              "split": args.split, "rows": len(rows), "caption_column": args.caption_column}
+    record = {"scorer": scorer_identity(args.choice_model, sources),
+              "data": [{**dataset_identity(args, split), "rows": len(dataset.rows),
+                        "rows_sha256": hashlib.sha256(json.dumps(sorted(dataset.rows)).encode()).hexdigest()}
+                       for split, dataset in parts]}
     path = os.path.join(args.output_dir, f"choices-{args.choice_model}.json")
     saved = None
     if os.path.isfile(path):
@@ -986,31 +990,33 @@ def choose_winners(args, accelerator, inputs: Inputs) -> None:
             saved = json.load(f)
         why = first_difference(saved.get("record"), record)
         if why:
-            logger.info("%s was made by another scorer or dataset (%s): choosing again", path, why)
+            logger.info("%s was made by another scorer or other pairs (%s): choosing again", path, why)
             saved = None
     if saved is None:
         scorer = build_scorer(args.choice_model, device=str(accelerator.device), flag="--choice_model_source",
                               **sources)
-        data = datasets[0].data
-        mine = {}
-        for row in rows[accelerator.process_index :: accelerator.num_processes]:
-            item = data[row]
-            try:
-                images = [decode_image(item[column]) for column in ("jpg_0", "jpg_1")]
-            except UnreadableImage:
-                continue  # skipped in training anyway
-            caption = item[args.caption_column] or ""
-            score_0, score_1 = scorer.score(images, [str(caption)] * 2)
-            mine[row] = bool(score_1 > score_0)  # a tie keeps jpg_0 first, as the reference
+        choices = []
+        for _, dataset in parts:
+            mine = {}
+            for row in sorted(dataset.rows)[accelerator.process_index :: accelerator.num_processes]:
+                item = dataset.data[row]
+                try:
+                    images = [decode_image(item[column]) for column in ("jpg_0", "jpg_1")]
+                except UnreadableImage:
+                    continue  # skipped in training anyway
+                caption = item[args.caption_column] or ""
+                score_0, score_1 = scorer.score(images, [str(caption)] * 2)
+                mine[row] = bool(score_1 > score_0)  # a tie keeps jpg_0 first, as the reference
+            choices.append({row: wins for part in gather_object([mine]) for row, wins in part.items()})
         del scorer
-        chosen = {row: wins for part in gather_object([mine]) for row, wins in part.items()}
         if accelerator.is_main_process:
-            write_json_atomic({"record": record, "jpg_1_wins": {str(r): w for r, w in sorted(chosen.items())}}, path)
-        logger.info("%s chose the winner of %d pairs; jpg_1 won %d", args.choice_model, len(chosen),
-                    sum(chosen.values()))
+            write_json_atomic({"record": record, "jpg_1_wins": [{str(r): w for r, w in sorted(chosen.items())}
+                                                                for chosen in choices]}, path)
+        logger.info("%s chose the winner of %d pairs; jpg_1 won %d", args.choice_model,
+                    sum(map(len, choices)), sum(sum(chosen.values()) for chosen in choices))
     else:
-        chosen = {int(row): wins for row, wins in saved["jpg_1_wins"].items()}
-    for dataset in datasets:
+        choices = [{int(row): wins for row, wins in chosen.items()} for chosen in saved["jpg_1_wins"]]
+    for (_, dataset), chosen in zip(parts, choices):
         dataset.jpg_1_wins = chosen
 
 

@@ -26,12 +26,6 @@ def config(arch: str, part: str) -> dict:
         return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
 
 
-def noise_scheduler(arch: str):
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(config(arch, "scheduler"))
-
-
 def tokenizers(arch: str):
     """The real CLIP tokenizer (SDXL's second one pads with "!", as released)."""
     from sdpo.tiny import load_clip_tokenizer, write_clip_tokenizer

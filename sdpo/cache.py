@@ -36,8 +36,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sdpo.conditioning import PromptEncoder
+from sdpo.data import dataset_identity
 from sdpo.errors import ArgumentParser, InputError, reports_input_errors
-from sdpo.files import atomic_path, check_output_dir, file_identity, write_json_atomic
+from sdpo.files import atomic_path, check_output_dir, file_identity, remove_stale_temps, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -46,29 +48,13 @@ MANIFEST, PROGRESS = "manifest.json", "progress.json"
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def dataset_identity(args) -> dict:
-    """What the cache was built from; local parquet files are identified by size and mtime."""
-    from sdpo.data import _parquet_files
-
-    name = args.dataset_name
-    files = None
-    if os.path.isdir(name):
-        files = _parquet_files(os.path.join(name, args.train_data_dir) if args.train_data_dir else name, args.split)
-    elif os.path.isfile(name):
-        files = [name]
-    return {"dataset_name": os.path.abspath(name) if os.path.exists(name) else name, "split": args.split,
-            "dataset_config_name": args.dataset_config_name, "train_data_dir": args.train_data_dir,
-            "dataset_revision": getattr(args, "dataset_revision", None), "caption_column": args.caption_column,
-            "files": [[os.path.basename(f), *file_identity(f)] for f in files] if files else None}
-
-
 def vae_identity(args) -> dict:
-    """The VAE by its source and a hash of its config and weight files' sizes and mtimes."""
+    """The VAE by its source (and hub revision) and its weight files' sizes and mtimes."""
     source = args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path
     folder = source if args.pretrained_vae_model_name_or_path else os.path.join(source, "vae")
     weights = sorted(glob.glob(os.path.join(folder, "*.safetensors")) + glob.glob(os.path.join(folder, "*.bin")))
     return {"source": os.path.abspath(source) if os.path.exists(source) else source,
-            "subfolder": None if args.pretrained_vae_model_name_or_path else "vae",
+            "subfolder": None if args.pretrained_vae_model_name_or_path else "vae", "revision": args.revision,
             "weights": [[os.path.basename(w), *file_identity(w)] for w in weights]}
 
 
@@ -158,6 +144,8 @@ def build(args) -> str:
     if args.sdxl and vae_dtype == torch.float16 and not args.pretrained_vae_model_name_or_path:
         vae_dtype = torch.float32  # as training: SDXL's own VAE overflows in fp16
     settings = cache_settings(args, vae_dtype, tokenizers)
+    # How the rows are cut into shards and batched through the VAE: a resumed build must do the same.
+    layout = {"shard_pairs": args.shard_pairs, "encode_batch_size": args.encode_batch_size}
     manifest_path = os.path.join(args.output_dir, MANIFEST)
     progress_path = os.path.join(args.output_dir, PROGRESS)
     done = {}
@@ -172,7 +160,13 @@ def build(args) -> str:
             if path == manifest_path:
                 print(f"{args.output_dir}: the cache is complete ({recorded['pairs']} pairs)")
                 return manifest_path
+            differ = _differences(recorded.get("layout", {}), layout)
+            if differ:
+                raise InputError(f"--output_dir {args.output_dir} holds a cache begun with other settings ("
+                                 f"{'; '.join(differ)}): finish it with those, or use another folder")
             done = {s["file"]: s for s in recorded["shards"]}
+    for name in remove_stale_temps(args.output_dir):
+        logger.info("removed %s, left by a killed build", name)
     data = load_pairs(args, args.split)
     rows, ties = decided_rows(data["label_0"])
     if not rows:
@@ -186,7 +180,7 @@ def build(args) -> str:
     for number, chunk in enumerate(tqdm(chunks, desc="latent cache", unit="shard")):
         name = f"shard-{number:05d}.safetensors"
         shard = {"file": name, "pairs": len(chunk)}
-        if name not in done or not os.path.isfile(os.path.join(args.output_dir, name)):
+        if not (name in done and _holds_rows(os.path.join(args.output_dir, name), chunk)):
             tensors = encode_rows(data, chunk, args, vae, tokenizers, args.encode_batch_size)
             with atomic_path(os.path.join(args.output_dir, name)) as tmp:
                 save_file(tensors, tmp)
@@ -197,11 +191,11 @@ def build(args) -> str:
         stats[[0, 2, 3]] += torch.tensor([shard["std"][0], shard["std"][2], shard["std"][3]], dtype=torch.float64)
         stats[1] = max(float(stats[1]), shard["std"][1])
         shards.append(shard)
-        write_json_atomic({"settings": settings, "shards": shards}, progress_path)
+        write_json_atomic({"settings": settings, "layout": layout, "shards": shards}, progress_path)
     # How much the posterior's std matters: next to |mean|, a tiny std makes the draw nearly the mean.
     posterior = {"mean_std": float(stats[0] / stats[3]), "max_std": float(stats[1]),
                  "mean_abs_mean": float(stats[2] / stats[3])}
-    manifest = {"settings": settings, "shards": shards, "pairs": len(rows), "ties": ties,
+    manifest = {"settings": settings, "layout": layout, "shards": shards, "pairs": len(rows), "ties": ties,
                 "scaling_factor": vae.config.scaling_factor, "posterior": posterior,
                 "bytes_per_pair": sum(os.path.getsize(os.path.join(args.output_dir, s["file"])) for s in shards)
                 / len(rows)}
@@ -211,6 +205,15 @@ def build(args) -> str:
           f"{manifest['bytes_per_pair'] / 1024:.1f} KiB per pair; posterior std {posterior['mean_std']:.3g} on average "
           f"(max {posterior['max_std']:.3g}) against a mean |latent| of {posterior['mean_abs_mean']:.3g}")
     return manifest_path
+
+
+def _holds_rows(path: str, rows: list[int]) -> bool:
+    """Whether a shard a killed build left is there, readable, and holds exactly these rows."""
+    try:
+        with safe_open(path, "pt") as f:
+            return f.get_tensor("row").tolist() == rows
+    except Exception:  # noqa: BLE001 - missing or damaged: encode it again
+        return False
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -242,7 +245,12 @@ class LatentCache:
                 self.labels.update(zip(rows, f.get_tensor("label").tolist()))
                 self.readable.update(zip(rows, f.get_tensor("readable").bool().tolist()))
                 self.sizes.update(zip(rows, f.get_tensor("original_size").tolist()))
+        if len(self.index) != self.manifest["pairs"]:
+            raise InputError(f"--latent_cache {folder}: its shards hold {len(self.index)} distinct pairs, its manifest "
+                             f"says {self.manifest['pairs']}; build it again")
         self.num_tokenizers = self.manifest["settings"]["tokenizers"]["count"]
+        # The token ids of the empty caption, for --proportion_empty_prompts.
+        self.empty_ids = [ids[0] for ids in PromptEncoder(tokenizers, [], args.resolution).token_ids([""])]
         self._open = {}
 
     def rows(self) -> list[int]:
@@ -258,6 +266,11 @@ class LatentCache:
         out = {key: handle.get_slice(key)[offset] for key in ("mean", "std")}
         out["ids"] = [handle.get_slice(f"ids_{n}")[offset].long() for n in range(self.num_tokenizers)]
         return out
+
+    def pairs(self, rows: list[int], seed: int, resolution: int, *, hflip: bool, proportion_empty_prompts: float,
+              winners_only: bool = False) -> CachedPairs:
+        """These rows as a dataset that makes the random choices of sdpo.data.PairDataset."""
+        return CachedPairs(self, rows, seed, resolution, hflip, proportion_empty_prompts, self.empty_ids, winners_only)
 
     def __getstate__(self):  # dataloader workers reopen the shards
         return {**self.__dict__, "_open": {}}

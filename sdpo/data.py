@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from sdpo.errors import InputError, first_line
+from sdpo.files import file_identity
 
 logger = logging.getLogger(__name__)
 
@@ -443,6 +444,22 @@ def load_pairs(args, split: str, streaming: bool = False, flag: str = "--split")
     return data
 
 
+def dataset_identity(args, split: str | None = None) -> dict:
+    """Which data a split of --dataset_name is, as far as it can be told without reading it: the
+    name and flags, and local parquet files by name, size and mtime (for the latent cache and the
+    AI-feedback choices, which are reused only for the same data)."""
+    name, split = args.dataset_name, split or args.split
+    files = None
+    if os.path.isdir(name):
+        files = _parquet_files(os.path.join(name, args.train_data_dir) if args.train_data_dir else name, split)
+    elif os.path.isfile(name):
+        files = [name]
+    return {"dataset_name": os.path.abspath(name) if os.path.exists(name) else name, "split": split,
+            "dataset_config_name": args.dataset_config_name, "train_data_dir": args.train_data_dir,
+            "dataset_revision": getattr(args, "dataset_revision", None), "caption_column": args.caption_column,
+            "files": [[os.path.basename(f), *file_identity(f)] for f in files] if files else None}
+
+
 def validation_transform(args) -> PairTransform:
     """Held-out pairs are seen the same way every time: center crop, no flip, their captions."""
     return PairTransform(args.resolution, random_crop=False, hflip=False, proportion_empty_prompts=0.0,
@@ -522,19 +539,16 @@ def _loader(args, dataset, rank: int, world_size: int, start_micro_batch: int):
 
 
 def _cached_dataloader(args, cache, rank: int, world_size: int, start_micro_batch: int):
-    from sdpo.cache import CachedPairs
-
     rows = cache.rows()
     logger.info("latent cache %s: %d pairs (ties were dropped when it was built)", args.latent_cache, len(rows))
     sft = args.train_method == "sft"
     validation = None
     if args.validation_pairs:
         rows, held_rows = hold_out(rows, args.validation_pairs)
-        validation = CachedPairs(cache, held_rows, args.seed, args.resolution, hflip=False,
-                                 proportion_empty_prompts=0.0, empty_ids=cache.empty_ids, winners_only=sft)
+        validation = cache.pairs(held_rows, args.seed, args.resolution, hflip=False, proportion_empty_prompts=0.0,
+                                 winners_only=sft)
     if args.max_train_samples is not None and args.max_train_samples < len(rows):
         rows = first_samples(rows, args.max_train_samples, args.seed)
-    dataset = CachedPairs(cache, rows, args.seed, args.resolution, hflip=not args.no_hflip,
-                          proportion_empty_prompts=args.proportion_empty_prompts, empty_ids=cache.empty_ids,
-                          winners_only=sft)
+    dataset = cache.pairs(rows, args.seed, args.resolution, hflip=not args.no_hflip,
+                          proportion_empty_prompts=args.proportion_empty_prompts, winners_only=sft)
     return _loader(args, dataset, rank, world_size, start_micro_batch), len(dataset), validation

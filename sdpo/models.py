@@ -193,6 +193,24 @@ def unet_from_config(source: str, flag: str, subfolder: str | None = None, **hub
         return UNet2DConditionModel.from_config(config)
 
 
+def meta_pipeline(base: str, sdxl: bool, flag: str = "--pretrained_model_name_or_path", **hub):
+    """(tokenizers, text encoders, VAE, UNet) of a pipeline built from its configs on the meta
+    device: every shape, no weights (to count FLOPs at any size)."""
+    from diffusers import AutoencoderKL
+    from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    parts = [(CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2")][: 1 + sdxl]
+    try:
+        configs = [AutoConfig.from_pretrained(base, subfolder=name, **hub) for _, name in parts]
+        vae_config = AutoencoderKL.load_config(base, subfolder="vae", **hub)
+    except Exception as err:
+        raise InputError(f"{flag}: cannot read the configs of {base}: {first_line(err)}") from None
+    with torch.device("meta"):
+        encoders = [cls(config) for (cls, _), config in zip(parts, configs)]
+        vae = AutoencoderKL.from_config(vae_config)
+    return load_tokenizers(base, sdxl, flag, **hub), encoders, vae, unet_from_config(base, flag, "unet", **hub)
+
+
 def check_unet(spec: str, base: str, flag: str, **hub) -> None:
     """A UNet checkpoint must fit the base pipeline's UNet; checked without loading either's weights."""
     if spec == "base":

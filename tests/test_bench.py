@@ -29,14 +29,19 @@ def test_flop_accounting(tiny, latent_cache):
 
     run.ref_unet.forward = spy
     flops = bench.count_flops(run, batches)
-    parts = {k: v for k, v in flops.items() if k != "total"}
+    parts = {k: flops[k] for k in ("vae", "text", "policy", "reference", "optimizer")}
     assert flops["total"] == sum(parts.values()) > 0
-    assert (parts["vae"] == 0) == latent_cache and parts["text"] > 0 and parts["optimizer"] == 0
+    assert (parts["vae"] == 0) == latent_cache and parts["text"] > 0
+    # The optimizer's part is estimated from AdamW's update rule and the gradient norm, per parameter.
+    trainable = sum(p.numel() for p in run.unet.parameters() if p.requires_grad)
+    assert parts["optimizer"] == (14 + 3) * trainable
     # The reference part is one forward of the reference UNet on the same inputs, counted apart.
     inputs, kwargs = seen[0]
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         forward(*inputs, **kwargs)
     assert parts["reference"] == counter.get_total_flops()
+    # The policy's forward alone (what gradient checkpointing recomputes) has the reference's shapes.
+    assert flops["policy_forward"] == parts["reference"]
     # The policy runs forward and backward on the same shapes: about three forwards.
     assert 2.5 < parts["policy"] / parts["reference"] < 3.01
 
@@ -56,7 +61,14 @@ def test_every_mode_writes_its_json(tiny, tmp_path):
     bench.main(["--pretrained", tiny["sd15"], "--resolution", "32", "--batch_size", "2", "--count_only", "--json",
                 str(tmp_path / "count.json")])
     counted = json.load(open(tmp_path / "count.json"))
-    assert counted["flops"] == result["flops"] and counted["step_seconds"] is None  # the meta device counts alike
+    assert counted["flops"] == result["flops"] and counted["step_seconds"] is None
+    # Gradient checkpointing recomputes the policy's forward, here on the winners alone (sft): half
+    # the reference forward of a DPO step on both images of each pair.
+    bench.main(["--pretrained", tiny["sd15"], "--resolution", "32", "--batch_size", "2", "--count_only", "--json",
+                str(tmp_path / "sft.json"), "--train_method", "sft", "--gradient_checkpointing"])
+    sft = json.load(open(tmp_path / "sft.json"))
+    assert sft["optimizer"] == "AdamW" and sft["flops"]["reference"] == 0
+    assert 2 * sft["recompute_flops_per_pair"] == result["flops"]["reference"] > 0
 
     bench.main(["--pretrained", tiny["sd15"], "--mode", "sample", "--resolution", "32", "--batch_size", "2",
                 "--steps", "1", "--warmup", "0", "--sample_steps", "3", "--device", "cpu", "--json", sample_json])

@@ -59,8 +59,14 @@ def test_a_killed_build_resumes_and_a_mismatch_is_refused(tiny, tmp_path, monkey
     killed.mkdir()
     first = manifest["shards"][0]["file"]
     (killed / first).write_bytes((straight / first).read_bytes())
-    (killed / "progress.json").write_text(json.dumps({"settings": manifest["settings"],
-                                                      "shards": manifest["shards"][:1]}))
+    progress = json.dumps({"settings": manifest["settings"], "layout": manifest["layout"],
+                           "shards": manifest["shards"][:1]})
+    (killed / "progress.json").write_text(progress)
+    (killed / "shard-00001.safetensors.tmp4999999").write_bytes(b"half a shard")  # by a process long gone
+    # Resuming with another shard size would store other rows under the names done: refused.
+    with pytest.raises(SystemExit) as exit_info:
+        build_cache(tiny["sd15"], tiny["data"], killed, "--shard_pairs", "8")
+    assert exit_info.value.code == 2 and "shard_pairs: 16 in the cache, 8 now" in capsys.readouterr().err
     encoded = []
     original = sdpo.cache.encode_rows
     monkeypatch.setattr(sdpo.cache, "encode_rows", lambda data, rows, *a: encoded.append(rows) or original(data, rows, *a))
@@ -68,7 +74,16 @@ def test_a_killed_build_resumes_and_a_mismatch_is_refused(tiny, tmp_path, monkey
     assert len(encoded) == len(manifest["shards"]) - 1  # the first shard was not encoded again
     for shard in manifest["shards"]:
         assert (killed / shard["file"]).read_bytes() == (straight / shard["file"]).read_bytes()
-    assert not (killed / "progress.json").exists()
+    assert sorted(p.name for p in killed.iterdir()) == sorted(["manifest.json", *(s["file"] for s in manifest["shards"])])
+    # A shard recorded as done that holds other rows (or none) is encoded again.
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    (swapped / first).write_bytes((straight / manifest["shards"][1]["file"]).read_bytes())
+    (swapped / "progress.json").write_text(progress)
+    encoded.clear()
+    build_cache(tiny["sd15"], tiny["data"], swapped)
+    assert len(encoded) == len(manifest["shards"])
+    assert (swapped / first).read_bytes() == (straight / first).read_bytes()
 
     def refused(flags, *fragments, cache=straight):
         with pytest.raises(SystemExit) as exit_info:
@@ -82,6 +97,11 @@ def test_a_killed_build_resumes_and_a_mismatch_is_refused(tiny, tmp_path, monkey
     refused(["--resolution", "40"], "resolution: 32 in the cache, 40 now")
     refused(["--caption_column", "label_0"], "caption_column")
     refused(["--random_crop"], "--random_crop")
+    # A manifest that counts more pairs than its shards hold.
+    short = json.loads((swapped / "manifest.json").read_text())
+    short["shards"] = short["shards"][:1]
+    (swapped / "manifest.json").write_text(json.dumps(short))
+    refused([], "its shards hold 16 distinct pairs, its manifest says 42", cache=swapped)
     (killed / "manifest.json").unlink()
     refused([], "not a complete latent cache", cache=killed)
     # Building into a folder that holds a cache for other settings is refused too.

@@ -265,7 +265,9 @@ def test_choice_model_relabels_with_a_scorer(tiny, tmp_path, monkeypatch):
                            "--checkpointing_steps", "0", "--choice_model", "clip", *flags)
     logs = run_in_process(args)
     assert math.isfinite(logs["loss"])
-    chosen = json.loads((tmp_path / "out" / "choices-clip.json").read_text())["jpg_1_wins"]
+    saved = json.loads((tmp_path / "out" / "choices-clip.json").read_text())
+    assert [part["rows"] for part in saved["record"]["data"]] == [42]
+    chosen = saved["jpg_1_wins"][0]
     # Each choice is the scorer's: jpg_1 wins where it scores higher.
     scorer = eval.scorers.build_scorer("clip", **sources)
     data = load_split(tiny["data"], "train")
@@ -280,10 +282,20 @@ def test_choice_model_relabels_with_a_scorer(tiny, tmp_path, monkeypatch):
     # Same seed, same data and noise: only the scorer's choice of winners differs.
     a, b = unet_weights(tmp_path / "out" / "unet"), unet_weights(tmp_path / "labels" / "unet")
     assert any(not torch.equal(a[k], b[k]) for k in a)
+    fewer = ["--max_train_samples", "20", "--choice_model", "clip", *flags, "--max_train_steps", "1",
+             "--checkpointing_steps", "0", "--validation_pairs", "4"]
+    run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "1"), *fewer, "--seed", "1"))
+    assert [part["rows"] for part in json.loads((tmp_path / "1" / "choices-clip.json").read_text())["record"]["data"]] \
+        == [20, 4]  # the training pairs and the held-out ones
     # A second run with the same scorer reuses the choices: no scorer is built.
     monkeypatch.setattr(eval.scorers, "build_scorer", lambda *a, **k: (_ for _ in ()).throw(AssertionError("scored")))
     args[args.index("--output_dir") + 1] = str(tmp_path / "out")
     run_in_process([*args, "--resume_from_checkpoint", ""])
+    # Other rows, the same number of them (another seed's shuffle), are scored again, not looked up.
+    (tmp_path / "2").mkdir()
+    shutil.copy(tmp_path / "1" / "choices-clip.json", tmp_path / "2")
+    with pytest.raises(AssertionError, match="scored"):
+        run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "2"), *fewer, "--seed", "2"))
 
 
 def test_tensorboard_scalars_and_metrics_file(tiny, tmp_path):
@@ -571,9 +583,14 @@ def test_compile_trains_like_eager(tiny, tmp_path):
     UNet under its own parameter names."""
     common = ["--max_train_steps", "2", "--checkpointing_steps", "2", "--use_winner_preserving",
               "--winner_preserving_mu", "0.5"]
+    from torch._dynamo.utils import counters
+
     eager = run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "eager"), *common))
+    torch._dynamo.reset()
+    counters.clear()
     compiled = run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "compiled"), *common,
                                               "--compile"))
+    assert counters["stats"]["unique_graphs"] >= 2  # the policy and the reference UNet went through dynamo
     assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
     a, b = unet_weights(tmp_path / "eager" / "unet"), unet_weights(tmp_path / "compiled" / "unet")
     assert a.keys() == b.keys()
