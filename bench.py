@@ -155,13 +155,7 @@ def synthetic_batches(args, targs, latent_cache: bool, count: int = 2):
         else:
             batch.pixels = torch.rand(B, k, 3, args.resolution, args.resolution, generator=g) * 2 - 1
             batch.captions = [CAPTION] * B
-        if pin:
-            for name, value in vars(batch).items():
-                if isinstance(value, torch.Tensor):
-                    setattr(batch, name, value.pin_memory())
-                elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
-                    setattr(batch, name, [v.pin_memory() for v in value])
-        batches.append(batch)
+        batches.append(batch.pin_memory() if pin else batch)
     return itertools.cycle(batches)
 
 
@@ -273,25 +267,30 @@ def count_flops(run, batches) -> dict:
     return parts
 
 
-def time_steps(run, batches, args) -> tuple[float, list[float]]:
-    """Seconds per training step after warm-up (CUDA events on a GPU), and every step's time."""
-    cuda = run.accelerator.device.type == "cuda"
+def timed(work, args, cuda: bool) -> tuple[float, list[float]]:
+    """The median seconds of `work()` over --steps calls after --warmup untimed ones (CUDA events
+    on a GPU), and every call's time."""
     for _ in range(args.warmup):
-        train.train_step(run, batches)
+        work()
     times = []
     for _ in range(args.steps):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            train.train_step(run, batches)
+            work()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1000)
         else:
             started = time.perf_counter()
-            train.train_step(run, batches)
+            work()
             times.append(time.perf_counter() - started)
     return statistics.median(times), times
+
+
+def time_steps(run, batches, args) -> tuple[float, list[float]]:
+    """Seconds per training step: train.py's own step on the benchmark's batches."""
+    return timed(lambda: train.train_step(run, batches), args, run.accelerator.device.type == "cuda")
 
 
 def peak_memory(device) -> int:
@@ -411,24 +410,9 @@ def bench_sample(args) -> dict:
     prompt_encoder = PromptEncoder(tokenizers, encoders, args.resolution)
     scheduler = scheduler_for(args, EulerDiscreteScheduler)
     prompts = [CAPTION] * args.batch_size
-
-    def generate(steps):
-        return sample(unet, vae, prompt_encoder, scheduler, prompts, args.resolution, args.resolution, steps, 7.5, 0,
-                      dtype)
-
     flops = sample_flops(args)  # per batch of args.batch_size images
-    for _ in range(args.warmup):
-        generate(args.sample_steps)
-    times = []
-    for _ in range(args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        generate(args.sample_steps)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    seconds = statistics.median(times)
+    seconds, _ = timed(lambda: sample(unet, vae, prompt_encoder, scheduler, prompts, args.resolution, args.resolution,
+                                      args.sample_steps, 7.5, 0, dtype), args, device.type == "cuda")
     peak = peak_flops(args, device)
     return {"mode": "sample", "arch": args.arch, "resolution": args.resolution, "batch_size": args.batch_size,
             "sample_steps": args.sample_steps, "device": str(device), "dtype": str(dtype).removeprefix("torch."),

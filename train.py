@@ -242,11 +242,7 @@ def validate(args):
         check(importlib.util.find_spec("wandb") is not None,
               "--report_to wandb: wandb is not installed (pip install wandb, or --report_to tensorboard)")
     # Paths.
-    models.check_source(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
-    sdxl = models.is_sdxl_pipeline(args.pretrained_model_name_or_path)
-    check(sdxl in (None, args.sdxl),
-          f"{args.pretrained_model_name_or_path} is {'an SDXL' if sdxl else 'an SD1.x'} pipeline: "
-          f"{'add' if sdxl else 'remove'} --sdxl")
+    models.check_base(args.pretrained_model_name_or_path, args.sdxl)
     for flag in ("pretrained_vae_model_name_or_path", "unet_init", "ref_unet"):
         value = getattr(args, flag)
         if value and value != "base" and not os.path.exists(value) and not models.HUB_ID.fullmatch(value):
@@ -454,13 +450,6 @@ class Validation:
                 t = torch.full((B * k,), t_value, device=device, dtype=torch.long)
                 model_pred, ref_pred, target = step.predict(latents, noise, t, batch, with_grad=False)
                 loss, stats = step.losses(model_pred, ref_pred, target, t, "none", safeguard=False)
-                if ref_pred is not None:
-                    from sdpo.losses import per_sample_mse, preference_logit
-
-                    upcast = not step.reference_numerics
-                    l_w, l_l = per_sample_mse(model_pred, target, upcast).chunk(2)
-                    r_w, r_l = per_sample_mse(ref_pred, target, upcast).chunk(2)
-                    stats["logit"] = preference_logit(l_w, l_l, r_w, r_l, step.args.beta_dpo).mean()
                 stats["loss"] = loss
                 values = [stats[m].double() * B if m in stats else torch.zeros((), device=device, dtype=torch.float64)
                           for m in self.METRICS]

@@ -28,7 +28,7 @@ from sdpo.errors import InputError, reports_input_errors
 
 
 def parse_args(argv=None):
-    p = checks.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = checks.Parser(prog="python -m eval.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suites", nargs="+", default=["papv2", "hpsv2", "partiprompts"], choices=sorted(BUILDERS))
     p.add_argument("--prompts_dir", default=None, help="where suite files live (default: prompts/)")
     add_scoring_flags(p, "--score_batch_size")
@@ -63,7 +63,8 @@ def main(argv=None):
     args = parse_args(argv)
     sources = check_scoring_flags(args.metrics, args.score_batch_size, args.source, "--score_batch_size")
     runs = suite_args(args)
-    manifests = [gen.generate(one) for one in runs]
+    loaded = {}  # the models load once for all suites
+    manifests = [gen.generate(one, loaded) for one in runs]
     means = score_all(manifests, args.metrics, runs[0].device, args.score_batch_size, sources, args.recompute)
     out = os.path.join(os.path.dirname(os.path.abspath(manifests[0])), "summary.md")
     json_path = write_table(means, args.metrics, out)

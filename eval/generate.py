@@ -102,12 +102,6 @@ def default_output_path(args) -> str:
     return args.unet_path if os.path.isdir(args.unet_path) else os.path.dirname(os.path.abspath(args.unet_path))
 
 
-def unet_folder(spec: str) -> str:
-    """The folder a diffusers-folder --unet_path loads from (a train.py output dir holds unet/)."""
-    inner = os.path.join(spec, "unet")
-    return inner if os.path.isfile(os.path.join(inner, "config.json")) else spec
-
-
 def model_identity(args) -> dict:
     """The base pipeline (the parts generation loads), the UNet and the VAE, as sdpo.files.path_identity."""
     base = args.pretrain_path
@@ -122,7 +116,7 @@ def model_identity(args) -> dict:
     else:
         pipeline = {"value": base}
     unet = "base" if args.unet_path == "base" else path_identity(
-        unet_folder(args.unet_path) if os.path.isdir(args.unet_path) else args.unet_path)
+        (models.unet_folder(args.unet_path) or args.unet_path) if os.path.isdir(args.unet_path) else args.unet_path)
     vae = None if args.vae_path is None else path_identity(args.vae_path)
     return {"pretrain_path": pipeline, "unet_path": unet, "vae_path": vae, "sdxl": args.sdxl}
 
@@ -188,12 +182,10 @@ def check_args(args) -> None:
     args.device = checks.device(args.device)
     if args.dtype is None:
         args.dtype = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
-    models.check_source(args.pretrain_path, "--pretrain_path")
-    sdxl = models.is_sdxl_pipeline(args.pretrain_path)
-    checks.check(sdxl in (None, args.sdxl), f"--pretrain_path {args.pretrain_path} is "
-                 f"{'an SDXL' if sdxl else 'an SD1.x'} pipeline: {'add' if sdxl else 'remove'} --sdxl")
+    models.check_base(args.pretrain_path, args.sdxl, "--pretrain_path")
     checks.check(args.unet_path == "base" or os.path.exists(args.unet_path),
                  f"--unet_path {args.unet_path!r}: not found (give 'base', a folder, a .safetensors or a .pth file)")
+    models.check_unet(args.unet_path, args.pretrain_path, "--unet_path")  # shapes only: no weight loads
     if args.vae_path is not None and not os.path.isdir(args.vae_path):
         checks.check(not os.path.exists(args.vae_path), f"--vae_path {args.vae_path}: a file; a VAE folder is needed")
         checks.check(models.HUB_ID.fullmatch(args.vae_path) is not None,
@@ -206,8 +198,9 @@ def check_args(args) -> None:
     args.image_dir = check_output_dir(os.path.join(args.output_path, name), "--output_path")
 
 
-def generate(args) -> str:
-    """Generate the suite's missing or stale images and write the manifest; returns its path."""
+def generate(args, loaded: dict | None = None) -> str:
+    """Generate the suite's missing or stale images and write the manifest; returns its path.
+    `loaded` keeps the models between calls (eval.evaluate runs one call per suite)."""
     if getattr(args, "image_dir", None) is None:
         check_args(args)
     suite = args.suite if args.max_prompts is None else args.suite[: args.max_prompts]
@@ -249,11 +242,17 @@ def generate(args) -> str:
     # (beyond this run's prompts) that it vouches for. Every other image file goes now, so the
     # folder never holds an image its record does not vouch for.
     keep = {k: v for k, v in vouched.items() if k in present}
-    keep.update({str(i): suite[i]["prompt"] for i in range(len(suite)) if i not in set(todo)})
+    pending = set(todo)
+    keep.update({str(i): suite[i]["prompt"] for i in range(len(suite)) if i not in pending})
     generator = None
     if todo:  # loaded before anything on disk changes: a model that fails to load leaves the folder as it was
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-        generator = Generator(args.pretrain_path, args.unet_path, args.sdxl, args.vae_path, args.device, dtype)
+        key = (args.pretrain_path, args.unet_path, args.sdxl, args.vae_path, args.device, dtype)
+        loaded = {} if loaded is None else loaded
+        if key not in loaded:
+            loaded.clear()  # one set of models in memory at a time
+            loaded[key] = Generator(*key)
+        generator = loaded[key]
         scale = vae_scale_factor(generator.vae)
         for flag, size in (("--height", args.height), ("--width", args.width)):
             checks.check(size % scale == 0, f"{flag} {size}: not a multiple of this VAE's downsampling factor {scale}")
@@ -315,7 +314,7 @@ def finish_args(args):
 
 
 def parse_args(argv=None):
-    p = checks.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = checks.Parser(prog="python -m eval.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generation_flags(p)
     p.add_argument("--test_json", default="prompts/papv2.json", help="a prompt suite file")
     p.add_argument("--recompute", action="store_true", help="make every image again, keeping none")

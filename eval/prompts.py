@@ -206,7 +206,7 @@ def load_suite(path: str, flag: str = "--test_json") -> list[dict]:
 
 @reports_input_errors
 def main(argv=None):
-    parser = checks.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = checks.Parser(prog="python -m eval.prompts", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", required=True, choices=sorted(BUILDERS))
     parser.add_argument("--source", default=None, help="local file/folder, hub id or URL (default: the upstream)")
     parser.add_argument("--output", default=None, help="where to write (default: prompts/<suite>.json)")

@@ -234,7 +234,7 @@ def add_scoring_flags(p, batch_flag: str = "--batch_size") -> None:
 
 @reports_input_errors
 def main(argv=None):
-    p = checks.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = checks.Parser(prog="python -m eval.score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifests", nargs="+", help="generation manifests (X.json)")
     add_scoring_flags(p)
     p.add_argument("--device", default=None, help="default: cuda if available")

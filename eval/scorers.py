@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from eval.heads import AestheticMLP
 from sdpo.errors import InputError, first_line
+from sdpo.files import atomic_path, remove_stale_temps
 
 METRICS = ("pickscore", "hpsv2", "aesthetics", "clip", "imagereward")
 DEFAULT_AESTHETIC_MLP = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
@@ -127,13 +128,11 @@ def fetch(source: str, hub_filename: str | None = None) -> str:
         os.makedirs(cache, exist_ok=True)
         path = os.path.join(cache, os.path.basename(source).replace("%2B", "+"))
         if not os.path.isfile(path):
-            part = f"{path}.part{os.getpid()}"
+            remove_stale_temps(cache)
             try:
-                urllib.request.urlretrieve(source, part)
-                os.replace(part, path)
+                with atomic_path(path) as part:  # a download cut short never lies under the file's name
+                    urllib.request.urlretrieve(source, part)
             except OSError as err:
-                with contextlib.suppress(OSError):
-                    os.remove(part)
                 raise InputError(f"could not download {source}: {first_line(err)}; give a local copy") from None
         return path
     if os.path.isdir(source):

@@ -243,7 +243,7 @@ def versus(json_a, json_b, label_a, label_b, outdir, metrics, device, batch_size
 
 @reports_input_errors
 def main(argv=None):
-    p = checks.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = checks.Parser(prog="python -m eval.versus", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json_a", required=True, help="manifest of model A")
     p.add_argument("--json_b", required=True, help="manifest of model B")
     p.add_argument("--label_a", default=None)

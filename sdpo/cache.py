@@ -39,7 +39,8 @@ from safetensors.torch import save_file
 from sdpo.conditioning import PromptEncoder
 from sdpo.data import dataset_identity
 from sdpo.errors import ArgumentParser, InputError, reports_input_errors
-from sdpo.files import atomic_path, check_output_dir, file_identity, remove_stale_temps, write_json_atomic
+from sdpo.files import (atomic_path, check_output_dir, file_identity, first_difference, remove_stale_temps,
+                        write_json_atomic)
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +66,6 @@ def cache_settings(args, vae_dtype: torch.dtype, tokenizers) -> dict:
             "sdxl": bool(args.sdxl), "vae": vae_identity(args), "vae_dtype": str(vae_dtype).removeprefix("torch."),
             "tokenizers": {"count": len(tokenizers), "vocab_sha256": vocab,
                            "max_length": [t.model_max_length for t in tokenizers]}}
-
-
-def _differences(a: dict, b: dict, prefix="") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _differences(x, y, f"{prefix}{key}.")
-        elif x != y:
-            out.append(f"{prefix}{key}: {x!r} in the cache, {y!r} now")
-    return out
 
 
 # ---- building -----------------------------------------------------------------------------------
@@ -153,17 +143,17 @@ def build(args) -> str:
         if os.path.isfile(path):
             with open(path) as f:
                 recorded = json.load(f)
-            differ = _differences(recorded["settings"], settings)
+            differ = first_difference(recorded["settings"], settings)
             if differ:
-                raise InputError(f"--output_dir {args.output_dir} holds a cache built with other settings ("
-                                 f"{'; '.join(differ[:3])}); use another folder")
+                raise InputError(f"--output_dir {args.output_dir} holds a cache built with other settings ({differ}); "
+                                 f"use another folder")
             if path == manifest_path:
                 print(f"{args.output_dir}: the cache is complete ({recorded['pairs']} pairs)")
                 return manifest_path
-            differ = _differences(recorded.get("layout", {}), layout)
+            differ = first_difference(recorded.get("layout"), layout)
             if differ:
-                raise InputError(f"--output_dir {args.output_dir} holds a cache begun with other settings ("
-                                 f"{'; '.join(differ)}): finish it with those, or use another folder")
+                raise InputError(f"--output_dir {args.output_dir} holds a cache begun with other settings ({differ}): "
+                                 f"finish it with those, or use another folder")
             done = {s["file"]: s for s in recorded["shards"]}
     for name in remove_stale_temps(args.output_dir):
         logger.info("removed %s, left by a killed build", name)
@@ -231,9 +221,9 @@ class LatentCache:
             self.manifest = json.load(f)
         if args.random_crop:
             raise InputError("--latent_cache holds center crops only: drop --random_crop")
-        differ = _differences(self.manifest["settings"], cache_settings(args, vae_dtype, tokenizers))
+        differ = first_difference(self.manifest["settings"], cache_settings(args, vae_dtype, tokenizers))
         if differ:
-            raise InputError(f"--latent_cache {folder} was built for other settings: {'; '.join(differ[:3])}")
+            raise InputError(f"--latent_cache {folder} was built for other settings ({differ})")
         self.folder = folder
         self.scaling_factor = self.manifest["scaling_factor"]
         self.index, self.labels, self.readable, self.sizes = {}, {}, {}, {}

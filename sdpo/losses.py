@@ -211,7 +211,7 @@ def preference_loss(
     `model_pred` against the same target gives fp32 policy losses, as under autocast).
 
     Returns (loss, stats); stats are detached 0-dim tensors: implicit_acc (fraction of u > 0),
-    model_mse, ref_mse, winner_minus_ref (mean l_w - r_w), loser_minus_ref (mean l_l - r_l),
+    logit (mean u), model_mse, ref_mse, winner_minus_ref (mean l_w - r_w), loser_minus_ref (mean l_l - r_l),
     loser_scale (its mean).
     """
     if method not in OBJECTIVES:
@@ -234,6 +234,7 @@ def preference_loss(
     with torch.no_grad():
         stats = {
             "implicit_acc": (u > 0).to(u.dtype).mean(),
+            "logit": u.mean(),
             "model_mse": model_losses.mean(),
             "ref_mse": ref_losses.mean(),
             "winner_minus_ref": (loss_w - ref_w).mean(),

@@ -43,6 +43,15 @@ def check_source(source: str, flag: str) -> None:
         raise InputError(f"{flag} {source!r}: no such folder, and not a hub id (owner/name)")
 
 
+def check_base(source: str, sdxl: bool, flag: str = "--pretrained_model_name_or_path") -> None:
+    """A base pipeline source must exist (see check_source) and, when local, be of the kind --sdxl says."""
+    check_source(source, flag)
+    found = is_sdxl_pipeline(source)
+    if found is not None and found != sdxl:
+        raise InputError(f"{flag} {source} is {'an SDXL' if found else 'an SD1.x'} pipeline: "
+                         f"{'add' if found else 'remove'} --sdxl")
+
+
 def pretrained(cls, source: str, flag: str, subfolder: str | None = None, **kwargs):
     """`cls.from_pretrained(source, subfolder=...)`, or an InputError naming the flag."""
     try:
@@ -148,6 +157,15 @@ def _read_state_dict(path: str, flag: str, mmap: bool = False) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def unet_folder(folder: str) -> str | None:
+    """Where a diffusers UNet lies in a folder: its unet/ (a train.py output dir or a pipeline), or
+    the folder itself; None when neither has a config.json."""
+    for candidate in (os.path.join(folder, "unet"), folder):
+        if os.path.isfile(os.path.join(candidate, "config.json")):
+            return candidate
+    return None
+
+
 def checkpoint_shapes(spec: str, flag: str, **hub) -> dict:
     """The parameter shapes a UNet checkpoint holds, read without loading its weights (safetensors
     headers, a memory-mapped .pth, or a config), as meta tensors: a truncated or foreign file is
@@ -165,12 +183,12 @@ def checkpoint_shapes(spec: str, flag: str, **hub) -> dict:
         return shapes
 
     if os.path.isdir(spec):
-        for folder in (os.path.join(spec, "unet"), spec):
-            if os.path.isfile(os.path.join(folder, "config.json")):
-                weights = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-                if weights:
-                    return from_safetensors([os.path.join(folder, f) for f in weights])
-                return unet_from_config(folder, f"{flag} {spec}").state_dict()
+        folder = unet_folder(spec)
+        if folder:
+            weights = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+            if weights:
+                return from_safetensors([os.path.join(folder, f) for f in weights])
+            return unet_from_config(folder, f"{flag} {spec}").state_dict()
         raise InputError(f"{flag} {spec}: a folder that holds no diffusers UNet (no config.json, no unet/config.json)")
     if os.path.isfile(spec):
         if spec.endswith(".safetensors"):
@@ -211,15 +229,20 @@ def meta_pipeline(base: str, sdxl: bool, flag: str = "--pretrained_model_name_or
     return load_tokenizers(base, sdxl, flag, **hub), encoders, vae, unet_from_config(base, flag, "unet", **hub)
 
 
-def check_unet(spec: str, base: str, flag: str, **hub) -> None:
-    """A UNet checkpoint must fit the base pipeline's UNet; checked without loading either's weights."""
-    if spec == "base":
-        return
-    mismatch = first_shape_mismatch(checkpoint_shapes(spec, flag, **hub), base_unet_shapes(base, **hub).state_dict())
+def check_fits(state: dict, spec: str, flag: str, base: str, base_flag: str = "--pretrained_model_name_or_path",
+               **hub) -> None:
+    """A UNet checkpoint's state dict (or its shapes) must have the base UNet's names and shapes."""
+    mismatch = first_shape_mismatch(state, base_unet_shapes(base, base_flag, **hub).state_dict())
     if mismatch:
         key, got, expected = mismatch
         raise InputError(f"{flag} {spec} does not fit the UNet of {base}: parameter {key} is {got} there, "
                          f"{expected} in the model")
+
+
+def check_unet(spec: str, base: str, flag: str, **hub) -> None:
+    """A UNet checkpoint must fit the base pipeline's UNet; checked without loading either's weights."""
+    if spec != "base":
+        check_fits(checkpoint_shapes(spec, flag, **hub), spec, flag, base, **hub)
 
 
 def check_pipeline(base: str, sdxl: bool, vae: str | None, flag: str = "--pretrained_model_name_or_path",
@@ -274,25 +297,22 @@ def load_unet(spec: str, base: str, flag: str = "--unet_path", base_flag: str = 
 
     if spec == "base":
         return pretrained(UNet2DConditionModel, base, base_flag, "unet", **hub)
+    unet = None
     if os.path.isdir(spec):
-        for folder in (os.path.join(spec, "unet"), spec):
-            if os.path.isfile(os.path.join(folder, "config.json")):
-                unet = pretrained(UNet2DConditionModel, folder, f"{flag} {spec}")
-                check_same_shapes(unet, base_unet_shapes(base, base_flag, **hub), f"{flag} {spec}", f"the UNet of {base}")
-                return unet
-        raise InputError(f"{flag} {spec}: a folder that holds no diffusers UNet (no config.json, no unet/config.json)")
-    if not os.path.exists(spec) and HUB_ID.fullmatch(spec):  # a hub repository with a unet/ folder
+        folder = unet_folder(spec)
+        if not folder:
+            raise InputError(f"{flag} {spec}: a folder that holds no diffusers UNet (no config.json, no "
+                             f"unet/config.json)")
+        unet = pretrained(UNet2DConditionModel, folder, f"{flag} {spec}")
+    elif not os.path.exists(spec) and HUB_ID.fullmatch(spec):  # a hub repository with a unet/ folder
         unet = pretrained(UNet2DConditionModel, spec, flag, "unet", **hub)
-        check_same_shapes(unet, base_unet_shapes(base, base_flag, **hub), f"{flag} {spec}", f"the UNet of {base}")
+    if unet is not None:
+        check_fits(unet.state_dict(), spec, flag, base, base_flag, **hub)
         return unet
     if not os.path.isfile(spec):
         raise InputError(f"{flag} {spec!r}: not found (give 'base', a folder, a .safetensors or a .pth file)")
     state = _read_state_dict(spec, flag)
-    mismatch = first_shape_mismatch(state, base_unet_shapes(base, base_flag, **hub).state_dict())
-    if mismatch:
-        key, got, expected = mismatch
-        raise InputError(f"{flag} {spec} does not fit the UNet of {base}: parameter {key} is {got} there, "
-                         f"{expected} in the model")
+    check_fits(state, spec, flag, base, base_flag, **hub)
     unet = pretrained(UNet2DConditionModel, base, base_flag, "unet", **hub)
     unet.load_state_dict(state)
     return unet

@@ -17,12 +17,11 @@ def vae_scale_factor(vae) -> int:
 
 
 def initial_noise(count: int, channels: int, height: int, width: int, scale: int, seed: int, device, dtype):
-    """The same noise for every prompt: a fresh generator per prompt, on `device`."""
+    """The same noise for every prompt: one draw from a generator seeded with `seed` on `device`,
+    repeated (what a fresh generator per prompt would draw)."""
     shape = (1, channels, height // scale, width // scale)
-    return torch.cat([
-        torch.randn(shape, generator=torch.Generator(device).manual_seed(seed), device=device, dtype=dtype)
-        for _ in range(count)
-    ])
+    generator = torch.Generator(device).manual_seed(seed)
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype).repeat(count, 1, 1, 1)
 
 
 @torch.no_grad()

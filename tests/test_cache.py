@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_train_args
+from conftest import same_tensors, tiny_train_args
 from test_train import run_in_process, unet_weights
 
 
@@ -40,7 +40,7 @@ def test_training_from_the_cache_equals_training_from_the_images(tiny, tmp_path,
     run_in_process(tiny_train_args(tiny[arch], tiny["data"], str(tmp_path / "cached"), *common,
                                    "--latent_cache", str(tmp_path / "cache")))
     a, b = unet_weights(tmp_path / "images" / "unet"), unet_weights(tmp_path / "cached" / "unet")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_tensors(a, b)
     metrics = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("images", "cached")]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows]  # noqa: E731
     assert strip(metrics[0]) == strip(metrics[1])  # every loss, statistic and validation number
@@ -66,7 +66,7 @@ def test_a_killed_build_resumes_and_a_mismatch_is_refused(tiny, tmp_path, monkey
     # Resuming with another shard size would store other rows under the names done: refused.
     with pytest.raises(SystemExit) as exit_info:
         build_cache(tiny["sd15"], tiny["data"], killed, "--shard_pairs", "8")
-    assert exit_info.value.code == 2 and "shard_pairs: 16 in the cache, 8 now" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "shard_pairs: was 16, now 8" in capsys.readouterr().err
     encoded = []
     original = sdpo.cache.encode_rows
     monkeypatch.setattr(sdpo.cache, "encode_rows", lambda data, rows, *a: encoded.append(rows) or original(data, rows, *a))
@@ -94,7 +94,7 @@ def test_a_killed_build_resumes_and_a_mismatch_is_refused(tiny, tmp_path, monkey
         for fragment in fragments:
             assert fragment in err[-1]
 
-    refused(["--resolution", "40"], "resolution: 32 in the cache, 40 now")
+    refused(["--resolution", "40"], "resolution: was 32, now 40")
     refused(["--caption_column", "label_0"], "caption_column")
     refused(["--random_crop"], "--random_crop")
     # A manifest that counts more pairs than its shards hold.

@@ -93,20 +93,24 @@ def gen_argv(tiny, files, out, *extra):
 
 # ---- eval.generate -------------------------------------------------------------------------------
 
-GENERATE_VALUES = [
-    (["--steps", "0"], "--steps"), (["--steps", "-2"], "--steps"), (["--steps", "x"], "--steps"),
-    (["--batch_size", "0"], "--batch_size"), (["--max_prompts", "0"], "--max_prompts"),
-    (["--height", "30"], "--height"), (["--height", "0"], "--height"), (["--width", "-8"], "--width"),
-    (["--width", "36"], "--width"), (["--cfg", "-1"], "--cfg"), (["--cfg", "nan"], "--cfg"), (["--cfg", "inf"], "--cfg"),
-    (["--seed", "-1"], "--seed"), (["--device", "gpu0"], "--device"), (["--device", "cuda:99"], "--device"),
-    (["--device", "meta"], "--device"), (["--dtype", "fp64"], "--dtype"), (["--bogus", "1"], "--bogus"),
+GENERATE_VALUES = [  # (flags, the flag, the problem)
+    (["--steps", "0"], "--steps", "at least 1"), (["--steps", "-2"], "--steps", "at least 1"),
+    (["--steps", "x"], "--steps", "invalid int"), (["--batch_size", "0"], "--batch_size", "at least 1"),
+    (["--max_prompts", "0"], "--max_prompts", "at least 1"),
+    (["--height", "30"], "--height", "multiple of 8"), (["--height", "0"], "--height", "multiple of 8"),
+    (["--width", "-8"], "--width", "multiple of 8"), (["--width", "36"], "--width", "multiple of 8"),
+    (["--cfg", "-1"], "--cfg", "finite number >= 0"), (["--cfg", "nan"], "--cfg", "finite number >= 0"),
+    (["--cfg", "inf"], "--cfg", "finite number >= 0"), (["--seed", "-1"], "--seed", "must lie in"),
+    (["--device", "gpu0"], "--device", "not a device"), (["--device", "cuda:99"], "--device", "CUDA"),
+    (["--device", "meta"], "--device", "not a device"), (["--dtype", "fp64"], "--dtype", "invalid choice"),
+    (["--bogus", "1"], "--bogus", "unrecognized"),
 ]
 
 
 def test_generate_refuses_bad_values(tiny, files, tmp_path, capsys):
     out = str(tmp_path / "out")
-    for extra, flag in GENERATE_VALUES:
-        assert_refused(generate.main, gen_argv(tiny, files, out, *extra), capsys, flag)
+    for extra, flag, problem in GENERATE_VALUES:
+        assert_refused(generate.main, gen_argv(tiny, files, out, *extra), capsys, flag, problem)
     assert not os.path.exists(out)  # refused before anything was made
 
 
@@ -161,8 +165,8 @@ def test_generate_refuses_unusable_models(tiny, files, checkpoints, tmp_path, ca
         (["--unet_path", checkpoints["garbage.safetensors"]], "--unet_path", ".safetensors"),
         (["--unet_path", checkpoints["truncated.pth"]], "--unet_path", "truncated"),
         (["--unet_path", checkpoints["sdxl.pth"]], "--unet_path", "does not fit"),
-        (["--unet_path", os.path.join(tiny["sdxl"], "unet")], "--unet_path", "does not match"),
-        (["--unet_path", tiny["sdxl"]], "--unet_path", "does not match"),
+        (["--unet_path", os.path.join(tiny["sdxl"], "unet")], "--unet_path", "does not fit"),
+        (["--unet_path", tiny["sdxl"]], "--unet_path", "does not fit"),
         (["--unet_path", checkpoints["empty_dir"]], "--unet_path", "no diffusers UNet"),
         (["--sdxl"], "--sdxl", "SD1.x pipeline"),
         (["--pretrain_path", tiny["sdxl"]], "--sdxl", "SDXL pipeline"),
@@ -255,7 +259,7 @@ def test_versus_refuses_bad_input(files, capsys):
         (["--json_a", manifest, "--json_b", other, "--label_a", " "], "--label_a", "empty"),
         (["--json_a", manifest, "--json_b", other, "--batch_size", "0"], "--batch_size", "at least 1"),
         (["--json_a", manifest, "--json_b", other, "--metrics", "clip", "clip"], "--metrics", "twice"),
-        (["--json_a", manifest, "--json_b", other, "--device", "cuda:99"], "--device", "cuda:99"),
+        (["--json_a", manifest, "--json_b", other, "--device", "cuda:99"], "--device", "CUDA"),
         (["--json_a", manifest], "--json_b", "required"),
     ]
     for argv, flag, problem in cases:
