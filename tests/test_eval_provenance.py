@@ -153,10 +153,10 @@ def test_a_killed_generation_leaves_no_png_and_its_rerun_cleans_up(tiny, suite, 
 
 
 def ended_pid():
-    """The id of a process that has ended."""
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
+    """The id of a process that is not running and cannot be reused before the test ends: one above
+    the kernel's largest process id."""
+    with open("/proc/sys/kernel/pid_max") as f:
+        return int(f.read()) + 1
 
 
 # ---- score files ---------------------------------------------------------------------------------
@@ -189,11 +189,11 @@ def test_score_files_are_reused_only_when_their_record_matches(scored_run, capsy
     assert content["scorer"]["sources"]["pretrained"]["file"] == list(
         score.file_identity(sources["clip"]["pretrained"]))
     assert len(content["images"]) == len(content["records"]) == 4
-    stamp = os.stat(path).st_mtime_ns
+    stamp = os.stat(path).st_ino  # every write replaces the file: a new inode
     capsys.readouterr()
     # The same scorer and images: reused, nothing said, nothing written.
     assert score.main([manifest, "--metrics", "clip", *clip_flags(sources)]) == first
-    assert "scoring again" not in capsys.readouterr().out and os.stat(path).st_mtime_ns == stamp
+    assert "scoring again" not in capsys.readouterr().out and os.stat(path).st_ino == stamp
     # clip pointed at another model: recomputed, with the reason.
     other = score.main([manifest, "--metrics", "clip", *clip_flags(sources, pretrained=sources["hpsv2"]["checkpoint"])])
     text = capsys.readouterr().out
@@ -224,13 +224,26 @@ def test_an_old_format_score_file_is_recomputed(scored_run, tmp_path, capsys):
     assert content["format"] == score.SCORE_FORMAT and all(r["score"] != 99.0 for r in content["records"])
 
 
-def test_hpsv2_loads_its_checkpoint_without_claiming_random_weights(scored_run, caplog):
+def test_hpsv2_loads_its_checkpoint_without_claiming_random_weights(scored_run, caplog, monkeypatch):
+    import contextlib
+
+    import open_clip
+
+    import eval.scorers
     from eval.scorers import build_scorer
 
     _, sources = scored_run
+    # Let open_clip's own log lines through (the scorer quiets its failures), and see what it is asked.
+    monkeypatch.setattr(eval.scorers, "quiet_logging", contextlib.nullcontext)
+    calls = []
+    create = open_clip.create_model_and_transforms
+    monkeypatch.setattr(open_clip, "create_model_and_transforms",
+                        lambda *a, **k: calls.append(k.get("pretrained")) or create(*a, **k))
     with caplog.at_level("INFO"):
         build_scorer("hpsv2", **sources["hpsv2"])
         build_scorer("clip", **sources["clip"])
+    # open_clip loads each checkpoint itself: no model is built with random weights first.
+    assert calls == [sources["hpsv2"]["checkpoint"], sources["clip"]["pretrained"]]
     assert not [r for r in caplog.records if "random" in r.getMessage()]
 
 
@@ -251,4 +264,31 @@ def test_evaluate_writes_summary_json_with_the_numbers_of_summary_md(tiny, score
     assert row["suite"] == RUN and row["images"] == 3 and row["manifest"] == str(out / f"{RUN}.json")
     assert markdown[2] == f"| {RUN} | " + " | ".join(f"{row['means'][m]:.4f}" for m in metrics) + " |"
     assert row["means"] == pytest.approx(means[os.path.join(str(out), f"{RUN}.json")])
+    for m in metrics:  # each mean is the mean of the scores in the metric's score file
+        records = json.load(open(score.score_path(row["manifest"], m)))["records"]
+        assert len(records) == 3 and row["means"][m] == pytest.approx(np.mean([r["score"] for r in records]))
     assert not [n for n in os.listdir(out) if ".tmp" in n]
+
+
+def test_evaluate_loads_the_models_once_for_all_suites(tiny, scored_run, tmp_path, monkeypatch):
+    _, sources = scored_run
+    prompts_dir = tmp_path / "prompts"
+    for suite in ("papv2", "hpsv2"):
+        write_suite([record(p) for p in PROMPTS], str(prompts_dir / f"{suite}.json"))
+    built = []
+
+    class Counted(generate.Generator):
+        def __init__(self, *args):
+            built.append(args)
+            super().__init__(*args)
+
+    monkeypatch.setattr(generate, "Generator", Counted)
+    flags = [x for k, v in sources["clip"].items() for x in ("--source", f"clip.{k}={v}")]
+    means = evaluate.main(["--unet_path", "base", "--pretrain_path", tiny["sd15"], "--prompts_dir", str(prompts_dir),
+                           "--suites", "papv2", "hpsv2", "--output_path", str(tmp_path / "out"), "--height", "32",
+                           "--width", "32", "--steps", "2", "--max_prompts", "2", "--metrics", "clip", *flags])
+    assert len(means) == 2 and len(built) == 1
+    # The same prompts and seed in both suites: the same images, from the one set of models.
+    a, b = (sorted(glob.glob(str(tmp_path / "out" / f"{s}_seed0_32x32_2s_7.5cfg" / "*.png"))) for s in ("papv2", "hpsv2"))
+    assert len(a) == len(b) == 2
+    assert [np.asarray(Image.open(x)).tobytes() for x in a] == [np.asarray(Image.open(x)).tobytes() for x in b]

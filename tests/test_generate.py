@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, same_tensors
 from eval.generate import main as generate_main
 from eval.prompts import record, write_suite
 from sdpo.models import load_unet
@@ -47,13 +47,13 @@ def test_batch_size_does_not_change_images_and_reruns_skip(tiny, suite, tmp_path
     assert records[2]["gen_image_path"].endswith(os.path.join("papv2_seed0_32x32_3s_7.5cfg", "2_32x32.png"))
     assert Image.open(records[1]["gen_image_path"]).getexif()[270] == PROMPTS[1]
     # A second run keeps every image; a truncated one is made again.
-    before = os.path.getmtime(records[0]["gen_image_path"])
+    before = os.stat(records[0]["gen_image_path"]).st_ino  # an image written again gets a new inode
     with open(records[4]["gen_image_path"], "r+b") as f:
         f.truncate(20)
     capsys.readouterr()
     gen(tiny, suite, tmp_path / "bs1", "base", "--batch_size", "2")
     assert "4 images kept, 1 generated" in capsys.readouterr().out
-    assert os.path.getmtime(records[0]["gen_image_path"]) == before
+    assert os.stat(records[0]["gen_image_path"]).st_ino == before
     assert np.array_equal(pixels(m1)[4], a[4])
 
 
@@ -67,7 +67,7 @@ def test_checkpoint_forms_load_the_same_weights(tiny, tmp_path):
     save_file(state, str(tmp_path / "unet.safetensors"))
     for path in ("unet.pth", "wrapped.pth", "unet.safetensors"):
         loaded = load_unet(str(tmp_path / path), tiny["sd15"]).state_dict()
-        assert all(torch.equal(loaded[k], state[k]) for k in state), path
+        assert same_tensors(loaded, state), path
     with pytest.raises(InputError, match="does not fit the UNet"):
         torch.save({k: v[..., :1] if v.ndim else v for k, v in state.items()}, tmp_path / "bad.pth")
         load_unet(str(tmp_path / "bad.pth"), tiny["sd15"])

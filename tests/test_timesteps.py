@@ -84,7 +84,7 @@ def test_modes_mask_and_clip():
     assert pair_weights(log_w, "clip-mask", 0.9).tolist() == [0, 0, 1, 1, 1]
     got = pair_weights(log_w, "importance", 0.9, 0.2).tolist()
     assert got == pytest.approx([0, 0, 0.95, 1.1, 1.2])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown timestep weighting 'bogus'"):
         pair_weights(log_w, "bogus")
 
 
