@@ -41,7 +41,7 @@ import time
 import torch
 
 import train
-from sdpo import architectures
+from sdpo import architectures, checkpoints, models
 from sdpo.errors import ArgumentParser, InputError, reports_input_errors
 from sdpo.files import write_json_atomic
 
@@ -88,15 +88,45 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
-    args.resolution = args.resolution or (1024 if args.arch == "sdxl" else 512)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.resolution is None:
+        args.resolution = models.default_resolution(args.arch == "sdxl")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if args.device.startswith("cuda") else "no"
     for flag, key in (("use_adafactor", "adafactor"), ("gradient_checkpointing", "checkpointing")):
         if getattr(args, flag) is None:
             setattr(args, flag, PAPER[args.arch][key])
-    if args.resolution % 8 or args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
-        raise InputError("--resolution must be a multiple of 8, --batch_size and --steps >= 1, --warmup >= 0")
+    check_args(args)
+    return args
+
+
+def check_args(args) -> None:
+    """Refuse a value bench.py cannot use, in one line that names the flag, before any model is built."""
+    from sdpo.flags import device, no_empty_values, output_file
+
+    no_empty_values(args)
+    if args.resolution < 8 or args.resolution % 8:
+        raise InputError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    for flag, low in (("batch_size", 1), ("steps", 1), ("warmup", 0), ("sample_steps", 1), ("loader_pairs", 1)):
+        if getattr(args, flag) < low:
+            raise InputError(f"--{flag} must be >= {low}, got {getattr(args, flag)}")
+    if min(args.workers) < 0:
+        raise InputError(f"--workers must be >= 0 each, got {' '.join(map(str, args.workers))}")
+    if args.mode == "loader" and args.loader_pairs < args.batch_size:
+        raise InputError(f"--loader_pairs {args.loader_pairs} is less than one batch (--batch_size {args.batch_size})")
+    if args.peak_tflops is not None and not 0 < args.peak_tflops < float("inf"):
+        raise InputError(f"--peak_tflops must be a positive number, got {args.peak_tflops}")
+    # Flags that the other modes would ignore without a word.
+    for flag, modes in (("latent_cache", ("train",)), ("compile", ("train",)), ("compare", ("train",)),
+                        ("count_only", ("train", "sample")), ("pretrained", ("train", "sample"))):
+        if getattr(args, flag) and args.mode not in modes:
+            raise InputError(f"--{flag} has no effect with --mode {args.mode} (only with --mode {' or '.join(modes)})")
+    if args.compare and args.count_only:
+        raise InputError("--compare reference times both configurations: drop --count_only")
+    device(args.device)
+    if args.json is not None:
+        output_file(args.json, "--json")
     if args.pretrained:
         from sdpo import models
 
@@ -105,7 +135,6 @@ def parse_args(argv=None):
         if sdxl is not None and sdxl != (args.arch == "sdxl"):
             raise InputError(f"--pretrained {args.pretrained} is {'an SDXL' if sdxl else 'a SD1.5'} pipeline: pass "
                              f"--arch {'sdxl' if sdxl else 'sd15'}")
-    return args
 
 
 # ---- the training step ------------------------------------------------------------------------
@@ -128,7 +157,7 @@ def train_args(args, *, latent_cache: bool, loss_precision: str, compile_: bool)
         argv.append("--compile")
     if latent_cache:
         argv += ["--latent_cache", "<synthetic>"]
-    return train.parse_args(argv)
+    return train.Settings(train.parse_args(argv))
 
 
 def synthetic_batches(args, targs, latent_cache: bool, count: int = 2):
@@ -143,7 +172,8 @@ def synthetic_batches(args, targs, latent_cache: bool, count: int = 2):
     B, k = args.batch_size, (1 if targs.train_method == "sft" else 2)
     g = torch.Generator().manual_seed(0)
     size = args.resolution // 8
-    dtype = train.vae_dtype_for(targs, train.WEIGHT_DTYPES.get(targs.mixed_precision, torch.float32))
+    dtype = models.vae_dtype(targs.sdxl, models.DTYPES[targs.mixed_precision],
+                             bool(targs.pretrained_vae_model_name_or_path))
     pin = torch.cuda.is_available() and str(args.device).startswith("cuda")
     batches = []
     for _ in range(count):
@@ -170,9 +200,11 @@ def build_run(args, parts, device: torch.device, *, latent_cache=False, loss_pre
     scheduler = scheduler_for(args, DDPMScheduler)
     timesteps = (0, scheduler.config.num_train_timesteps)
     vae = parts[2]
-    inputs = train.Inputs(config=train.run_config(targs, 1, accelerator.mixed_precision, timesteps, None),
+    total_steps = args.warmup + args.steps
+    inputs = train.Inputs(config=checkpoints.run_config(targs, 1, accelerator.mixed_precision, timesteps, None,
+                                                        total_steps),
                           noise_scheduler=scheduler, timesteps=timesteps, dataloader=None, num_pairs=None,
-                          validation_pairs=None, start_step=0, resume_path=None,
+                          validation_pairs=None, start_step=0, total_steps=total_steps, resume_path=None,
                           scaling_factor=vae.config.scaling_factor)
     if latent_cache:  # training from a cache loads no VAE
         parts = (*parts[:2], None, *parts[3:])
@@ -183,8 +215,6 @@ def build_run(args, parts, device: torch.device, *, latent_cache=False, loss_pre
 def scheduler_for(args, cls):
     """The noise schedule of --pretrained, or of the shipped --arch config."""
     if args.pretrained:
-        from sdpo import models
-
         return models.load_scheduler(cls, args.pretrained, "--pretrained")
     return cls.from_config(architectures.config(args.arch, "scheduler"))
 
@@ -196,8 +226,6 @@ def model_parts(args, device):
 
     if not args.pretrained:
         return architectures.build(args.arch, with_reference=args.train_method != "sft", device=device)
-    from sdpo import models
-
     sdxl = args.arch == "sdxl"
     if str(device) == "meta":
         tokenizers, encoders, vae, unet = models.meta_pipeline(args.pretrained, sdxl, "--pretrained")
@@ -224,10 +252,10 @@ def count_flops(run, batches) -> dict:
     ref = run.ref_unet
     if ref is not None:  # a class name of its own, so that the counter keeps the two UNets apart
         ref.__class__ = type("ReferenceUNet", (type(ref),), {})
-    step = run.step
+    micro = run.loss
     vae_flops = []
-    if step.vae is not None:  # encode() is not forward(): count it with a counter of its own
-        encode = step.vae.encode
+    if micro.vae is not None:  # encode() is not forward(): count it with a counter of its own
+        encode = micro.vae.encode
 
         def counted_encode(*args, **kwargs):
             with FlopCounterMode(display=False) as inner:
@@ -235,12 +263,12 @@ def count_flops(run, batches) -> dict:
             vae_flops.append(inner.get_total_flops())
             return out
 
-        step.vae.encode = counted_encode
+        micro.vae.encode = counted_encode
     try:
         batch = next(batches)
         with FlopCounterMode(display=False) as counter:
             with FlopCounterMode(display=False) as forward_counter:
-                loss, _ = step(batch)
+                loss, _ = micro(batch)
             loss.backward()
         with FlopCounterMode(display=False) as optimizer_counter:
             run.optimizer.step()
@@ -248,8 +276,8 @@ def count_flops(run, batches) -> dict:
     finally:
         if checkpointing:
             unet.enable_gradient_checkpointing()
-        if step.vae is not None:
-            del step.vae.encode
+        if micro.vae is not None:
+            del micro.vae.encode
     def by_module(flop_counter):
         return {name: sum(ops.values()) for name, ops in flop_counter.get_flop_counts().items() if "." not in name}
 
@@ -400,7 +428,7 @@ def bench_sample(args) -> dict:
     from sdpo.sampling import sample
 
     device = torch.device(args.device)
-    dtype = train.WEIGHT_DTYPES.get(args.mixed_precision, torch.float32)
+    dtype = models.DTYPES[args.mixed_precision]
     tokenizers, encoders, vae, unet, _ = model_parts(argparse.Namespace(**{**vars(args), "train_method": "sft"}),
                                                      "cpu")
     for encoder in encoders:

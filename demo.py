@@ -25,6 +25,10 @@ import subprocess
 import sys
 import time
 
+from sdpo.errors import ArgumentParser, InputError, reports_input_errors
+from sdpo.files import check_output_dir
+from sdpo.flags import no_empty_values
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # Per objective: its beta on this toy problem (the papers' values are for real models and data).
@@ -113,13 +117,26 @@ def plot(results, path, steps):
     plt.close(fig)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    parser = ArgumentParser(prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(ROOT, "demo_output"), help="where models, runs and the plot go")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     parser.add_argument("--warm_start_steps", type=int, default=150, help="SFT steps that make the base")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    no_empty_values(args)
+    for flag in ("steps", "warm_start_steps"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not 0 <= args.seed < 2**32 - 1:  # train.py's range for one process
+        raise InputError(f"--seed must lie in [0, 2**32 - 1), got {args.seed}")
+    check_output_dir(args.out, "--out")
+    return args
+
+
+@reports_input_errors
+def main(argv=None):
+    args = parse_args(argv)
 
     from sdpo.tiny import build_all
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 from dataclasses import dataclass
-import json
 import logging
 import math
 import os
@@ -26,16 +24,17 @@ import time
 import torch
 
 from sdpo import checkpoints, models
+from sdpo.checkpoints import CONFIG_FILE
 from sdpo.conditioning import PromptEncoder
-from sdpo.data import PairBatch, build_dataloader, next_batch
-from sdpo.errors import ArgumentParser, InputError, RunStopped, reports_input_errors
-from sdpo.files import check_output_dir, write_json_atomic, write_text_atomic
+from sdpo.data import PairBatch, build_dataloader, check_data, choose_winners, next_batch
+from sdpo.errors import ArgumentParser, HelpFormatter, InputError, RunStopped, reports_input_errors
+from sdpo.files import MetricsFile, check_output_dir, write_json_atomic
+from sdpo.flags import no_empty_values
 from sdpo.losses import check_mu, preference_loss, sft_loss, winner_preserving_scale
 from sdpo.timesteps import MODES, log_importance_weights, pair_log_weights, pair_weights, timestep_range
 
 logger = logging.getLogger("train")
 
-CONFIG_FILE = "train_config.json"
 LOSS_PRECISIONS = ("reference", "fp32")
 # The reference's names for its choice models, and ours.
 CHOICE_MODELS = {"pickscore": "pickscore", "hps": "hpsv2", "hpsv2": "hpsv2", "aes": "aesthetics",
@@ -52,7 +51,7 @@ def choice_model(name: str) -> str | None:
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="train.py", description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     # models
     a("--pretrained_model_name_or_path", required=True, help="base pipeline: hub id or local folder")
@@ -71,11 +70,11 @@ def parse_args(argv=None):
     a("--train_data_dir", default=None,
       help="a subfolder of the dataset to read (load_dataset's data_dir; for a local folder, a subfolder of it)")
     a("--caption_column", default="caption", help="the dataset's caption column")
-    a("--image_column", default=None, help=argparse.SUPPRESS)  # refused in validate(): pairs are jpg_0 and jpg_1
+    a("--image_column", default=None, help=argparse.SUPPRESS)  # refused in check_settings(): pairs are jpg_0 and jpg_1
     a("--split", default="train", help="dataset split (only 'train' is shuffled, as in the reference)")
     a("--streaming", action="store_true", help="stream the dataset instead of downloading it first")
     a("--max_train_samples", type=int, default=None, help="keep this many pairs (seeded shuffle, then the first N)")
-    a("--resolution", type=int, default=None, help="training resolution (default 512, SDXL 1024)")
+    a("--resolution", type=int, default=None, help="training resolution, a multiple of 8 (default 512, SDXL 1024)")
     a("--random_crop", action="store_true", help="random instead of center crop")
     a("--no_hflip", action="store_true", help="no random horizontal flips")
     a("--proportion_empty_prompts", type=float, default=0.2, help="probability that a caption is replaced by ''")
@@ -85,10 +84,12 @@ def parse_args(argv=None):
     a("--latent_cache", default=None, metavar="DIR",
       help="train from a latent cache built by python -m sdpo.cache with the same flags: no VAE, no image decoding")
     # objective
-    a("--train_method", default="diffusion-dpo", choices=["diffusion-dpo", "dspo", "dmpo", "sft"])
+    a("--train_method", default="diffusion-dpo", choices=["diffusion-dpo", "dspo", "dmpo", "sft"], help="the objective")
     a("--beta_dpo", type=float, default=5000.0, help="beta of the preference logit (5000 for diffusion, not 0.1)")
     a("--dmpo_alpha", type=float, default=0.0, help="DMPO's alpha: the target preference is 1 - alpha")
-    a("--use_winner_preserving", action="store_true", help="the Diffusion-SDPO safeguard on the loser's gradient")
+    a("--use_winner_preserving", action=argparse.BooleanOptionalAction, default=False,
+      help="the Diffusion-SDPO safeguard on the loser's gradient (the launchers turn it on; --no-use_winner_preserving "
+           "turns it off)")
     a("--winner_preserving_mu", type=float, default=0.0, help="safeguard strength in [0, 1]; larger is more conservative")
     a("--winner_preserving_per_sample", action="store_true", help="one safeguard scale per pair instead of per micro-batch")
     a("--timestep_weighting", default="none", choices=MODES, help="none, clip-mask (DPO-C&M) or importance")
@@ -103,19 +104,20 @@ def parse_args(argv=None):
       help="model source for the choice model (see eval.score --source); repeatable")
     # optimisation
     a("--train_batch_size", type=int, default=1, help="pairs per process per micro-batch")
-    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     a("--max_train_steps", type=int, default=2000, help="optimizer steps; 0: --num_train_epochs passes over the data")
     a("--num_train_epochs", type=int, default=100, help="used only when --max_train_steps is 0")
-    a("--learning_rate", type=float, default=1e-8)
+    a("--learning_rate", type=float, default=1e-8, help="learning rate (x batch x accumulation x processes with --scale_lr)")
     a("--scale_lr", action="store_true", help="lr x batch x accumulation x processes")
     a("--lr_scheduler", default="constant_with_warmup",
-      choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+      choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+      help="diffusers' learning-rate schedule")
     a("--lr_warmup_steps", type=int, default=500, help="warmup, in optimizer steps")
     a("--use_adafactor", action=argparse.BooleanOptionalAction, default=None, help="Adafactor (default: on for SDXL)")
-    a("--adam_beta1", type=float, default=0.9)
-    a("--adam_beta2", type=float, default=0.999)
-    a("--adam_weight_decay", type=float, default=1e-2)
-    a("--adam_epsilon", type=float, default=1e-8)
+    a("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    a("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    a("--adam_weight_decay", type=float, default=1e-2, help="weight decay (AdamW and Adafactor)")
+    a("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
     a("--max_grad_norm", type=float, default=1.0,
       help="gradient-norm clip, with AdamW and Adafactor alike (as the reference's launchers run); 0 turns it off")
     a("--loss_precision", default="reference", choices=LOSS_PRECISIONS,
@@ -126,17 +128,18 @@ def parse_args(argv=None):
     a("--mixed_precision", default="fp16", choices=["no", "fp16", "bf16"],
       help="fp16 falls back to 'no' on CPU; bf16 runs on CPU under CPU autocast")
     a("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs")
-    a("--compile", action="store_true", help="torch.compile the policy and reference UNets")
+    a("--compile", action="store_true",
+      help="torch.compile the policy and reference UNets (for GPUs; on a CPU it is slower, see the README)")
     a("--seed", type=int, default=None,
       help="seed; process i is seeded with seed + i, as the reference (default: random, recorded in "
            "train_config.json and checkpoints)")
     # output
-    a("--output_dir", default="sd-model-finetuned")
+    a("--output_dir", default="sd-model-finetuned", help="checkpoints, logs and the trained UNet")
     a("--logging_dir", default="logs", help="TensorBoard folder, under output_dir")
     a("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
     a("--tracker_project_name", default="preference-training", help="the trackers' project name (TensorBoard subfolder)")
     a("--local_rank", type=int, default=-1, help="ignored: accelerate launch sets each process's rank")
-    a("--checkpointing_steps", type=int, default=500)
+    a("--checkpointing_steps", type=int, default=500, help="a checkpoint every N optimizer steps (0: none)")
     a("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints")
     a("--resume_from_checkpoint", default="latest", help="'latest', a checkpoint folder, or '' to start afresh")
     a("--max_skipped_steps", type=int, default=10,
@@ -155,13 +158,14 @@ def parse_args(argv=None):
     a("--dry_run", action="store_true",
       help="check the settings and the dataset, write train_config.json, and stop before loading any model")
     a("--check_only", action="store_true",
-      help="check the settings, the paths, a checkpoint to resume and the dataset's columns, write nothing, and "
-           "exit (status 2 with a message if something is wrong); the launchers run this before accelerate launch. "
-           "The process count is read from WORLD_SIZE (default 1)")
+      help="check the settings, the paths, a checkpoint to resume and the dataset (columns, types, labels), write "
+           "nothing (not even the output folder or a datasets cache), and exit (status 2 with a message if "
+           "something is wrong); the launchers run this before accelerate launch. The process count is read "
+           "from WORLD_SIZE (default 1)")
     args = p.parse_args(argv)
 
     if args.resolution is None:
-        args.resolution = 1024 if args.sdxl else 512
+        args.resolution = models.default_resolution(args.sdxl)
     for flag in ("use_adafactor", "gradient_checkpointing"):
         if getattr(args, flag) is None:
             setattr(args, flag, args.sdxl)  # the reference forces both on for SDXL; here they can be turned off
@@ -170,12 +174,16 @@ def parse_args(argv=None):
     return args
 
 
-def validate(args):
-    """Reject settings that cannot work or make no sense, with one line that names the flag."""
+def check_settings(args):
+    """Reject settings that cannot work or make no sense, with one line that names the flag.
+    Nothing is written: the output folders are checked, not made."""
     def check(ok, message):
         if not ok:
             raise InputError(message)
 
+    # An empty value is a mistake, not "not given", except where '' is documented to mean none (no
+    # --unet_init, no --ref_unet, a fresh start) or is a prompt (an unconditional validation image).
+    no_empty_values(args, allowed=("unet_init", "ref_unet", "resume_from_checkpoint", "validation_prompts"))
     check(args.dataset_name, "--dataset_name is required: a hub id or a local copy of Pick-a-Pic-style pairs (the "
                              "reference's image-folder data, --train_data_dir without --dataset_name, is not supported)")
     try:
@@ -247,11 +255,8 @@ def validate(args):
         value = getattr(args, flag)
         if value and value != "base" and not os.path.exists(value) and not models.HUB_ID.fullmatch(value):
             raise InputError(f"--{flag} {value!r}: not found (give a local path or a hub id)")
-    check_output_dir(args.output_dir, "--output_dir")
-    if args.report_to != "none":
-        check_output_dir(os.path.join(args.output_dir, args.logging_dir), "--logging_dir")
-    if args.cache_dir:
-        check_output_dir(args.cache_dir, "--cache_dir")
+    for flag, folder in output_folders(args).items():
+        check_output_dir(folder, flag, create=False)
     check(not (args.validation_split and args.validation_split == args.split),
           f"--validation_split {args.validation_split} is the training split: its pairs would be trained on; hold "
           f"pairs out with --validation_pairs alone, or name another split")
@@ -262,11 +267,6 @@ def validate(args):
 
 
 # ---- models ----------------------------------------------------------------------------------
-
-
-def reference_spec(args) -> str:
-    """Where the reference UNet comes from: --ref_unet, else --unet_init (as the reference), else the base."""
-    return args.ref_unet or args.unet_init or "base"
 
 
 def load_models(args):
@@ -280,11 +280,10 @@ def load_models(args):
     vae = None
     if not args.latent_cache or (args.validation_prompts and args.num_validation_images):
         vae = models.load_vae(base, args.pretrained_vae_model_name_or_path, **hub)
-    policy_spec = args.unet_init or "base"
+    policy_spec, ref_spec = models.policy_source(args), models.reference_source(args)
     unet = models.load_unet(policy_spec, base, "--unet_init", **hub)
     ref_unet = None
-    if args.train_method != "sft":
-        ref_spec = reference_spec(args)
+    if ref_spec is not None:
         if ref_spec == policy_spec:  # the reference starts where the policy starts: copy, don't load twice
             ref_unet = copy.deepcopy(unet)
         else:
@@ -307,11 +306,12 @@ def build_optimizer(args, params, lr, device=None):
 # ---- one micro-batch -------------------------------------------------------------------------
 
 
-class Step:
-    """Computes the loss of one micro-batch; everything it needs is fixed for the run."""
+class MicroBatchLoss:
+    """The loss of one micro-batch (and its statistics); everything it needs is fixed for the run.
+    An optimizer step (train_step) accumulates it over --gradient_accumulation_steps micro-batches."""
 
     def __init__(self, args, accelerator, unet, ref_unet, vae, prompt_encoder, noise_scheduler, weight_dtype,
-                 timesteps: tuple[int, int], scaling_factor: float):
+                 timesteps: tuple[int, int], scaling_factor: float, device=None):
         self.args, self.accelerator = args, accelerator
         self.unet, self.ref_unet, self.vae = unet, ref_unet, vae
         self.prompt_encoder, self.noise_scheduler, self.weight_dtype = prompt_encoder, noise_scheduler, weight_dtype
@@ -325,7 +325,7 @@ class Step:
         # of these in fp32 instead.
         self.reference_numerics = args.loss_precision == "reference"
         self.latent_dtype = weight_dtype if self.reference_numerics else torch.float32
-        self.device = accelerator.device  # the benchmark counts FLOPs on the meta device
+        self.device = device or accelerator.device  # the benchmark counts FLOPs on the meta device
         self.scaling_factor = scaling_factor
 
     def posterior(self, batch: PairBatch):
@@ -421,155 +421,145 @@ class Validation:
 
     METRICS = ("implicit_acc", "winner_minus_ref", "loser_minus_ref", "logit", "loss", "model_mse")
 
-    def __init__(self, step: Step, dataset, num_timesteps: int):
-        self.step, self.dataset = step, dataset
-        lo, hi = step.t_lo, step.t_hi
+    def __init__(self, loss: MicroBatchLoss, dataset, num_timesteps: int):
+        self.loss, self.dataset = loss, dataset
+        lo, hi = loss.t_lo, loss.t_hi
         self.timesteps = [lo + (2 * i + 1) * (hi - lo) // (2 * num_timesteps) for i in range(num_timesteps)]
 
     @torch.no_grad()
     def __call__(self) -> dict[str, float]:
         from sdpo.data import collate_pairs
 
-        step, accelerator = self.step, self.step.accelerator
-        device, batch_size = step.device, step.args.train_batch_size
+        micro, accelerator = self.loss, self.loss.accelerator
+        device, batch_size = micro.device, micro.args.train_batch_size
         mine = list(range(accelerator.process_index, len(self.dataset), accelerator.num_processes))
         totals = torch.zeros(len(self.METRICS) + 1, dtype=torch.float64, device=device)
         for start in range(0, len(mine), batch_size):
             indices = mine[start : start + batch_size]
             batch = collate_pairs([self.dataset[(0, i)] for i in indices])
             B, k = batch.time_ids.shape[:2]
-            mean, std = step.posterior(batch)
+            mean, std = micro.posterior(batch)
             draws = [torch.Generator().manual_seed(VALIDATION_NOISE_SEED + i) for i in indices]
             shape = mean.shape[1:]
             # Per pair: its images' posterior noise, then one noise tensor per timestep.
             posterior_noise = torch.stack([torch.randn((k, *shape), generator=g) for g in draws], dim=1)
-            latents = step.scale_latents(mean + std * posterior_noise.reshape(B * k, *shape).to(device, mean.dtype))
+            latents = micro.scale_latents(mean + std * posterior_noise.reshape(B * k, *shape).to(device, mean.dtype))
             for t_value in self.timesteps:
                 noise = torch.stack([torch.randn(shape, generator=g) for g in draws]).to(device, latents.dtype)
                 noise = noise.repeat(k, 1, 1, 1)
                 t = torch.full((B * k,), t_value, device=device, dtype=torch.long)
-                model_pred, ref_pred, target = step.predict(latents, noise, t, batch, with_grad=False)
-                loss, stats = step.losses(model_pred, ref_pred, target, t, "none", safeguard=False)
+                model_pred, ref_pred, target = micro.predict(latents, noise, t, batch, with_grad=False)
+                loss, stats = micro.losses(model_pred, ref_pred, target, t, "none", safeguard=False)
                 stats["loss"] = loss
                 values = [stats[m].double() * B if m in stats else torch.zeros((), device=device, dtype=torch.float64)
                           for m in self.METRICS]
                 totals += torch.stack([*values, torch.tensor(float(B), device=device, dtype=torch.float64)])
         totals = accelerator.reduce(totals, reduction="sum").tolist()
         count = totals[-1]
-        has_reference = step.ref_unet is not None
+        has_reference = micro.ref_unet is not None
         return {f"val_{m}": value / count for m, value in zip(self.METRICS, totals[:-1])
                 if has_reference or m in ("loss", "model_mse")}
 
 
-# ---- outputs ---------------------------------------------------------------------------------
-
-
-def run_config(args, num_processes: int, mixed_precision: str, timesteps: tuple[int, int],
-               resume_path: str | None) -> dict:
-    """Every setting after defaults and validation, plus what the run derives from them."""
-    import accelerate
-    import diffusers
-    import transformers
-
-    world, accum = num_processes, args.gradient_accumulation_steps
-    settings = {k: v for k, v in sorted(vars(args).items())
-                if k not in ("local_rank", "image_column", "dry_run", "check_only")}
-    derived = {
-        "num_processes": world,
-        "pairs_per_step": args.train_batch_size * accum * world,
-        "effective_lr": args.learning_rate * (args.train_batch_size * accum * world if args.scale_lr else 1),
-        "optimizer": "Adafactor" if args.use_adafactor else "AdamW",
-        "gradient_clipping": f"clip at {float(args.max_grad_norm)}" if args.max_grad_norm > 0 else "off",
-        "mixed_precision_used": mixed_precision,
-        "weight_dtype": str(WEIGHT_DTYPES.get(mixed_precision, torch.float32)).removeprefix("torch."),
-        "loss_precision": args.loss_precision,
-        "process_seeds": [args.seed + i for i in range(world)],  # seed + process index, as the reference
-        "seed_of_process_0": args.seed,
-        "timestep_range": list(timesteps),
-        "policy_unet": args.unet_init or "base",
-        "reference_unet": None if args.train_method == "sft" else reference_spec(args),
-        "resumed_from": resume_path,
-        "command": [os.path.basename(sys.argv[0]), *sys.argv[1:]],
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__, "accelerate": accelerate.__version__},
-    }
-    return {**settings, "derived": derived}
-
-
-# Settings that a run may change when it resumes: where things go, how often it saves, logs or
-# validates, how long it runs, and speed knobs with the same arithmetic. Every other setting
-# changes the result, and a checkpoint written with another value of it is refused.
-RESUMABLE_CHANGES = {
-    "output_dir", "logging_dir", "report_to", "tracker_project_name", "checkpointing_steps",
-    "checkpoints_total_limit", "resume_from_checkpoint", "cache_dir", "dataloader_num_workers",
-    "max_train_steps", "num_train_epochs", "gradient_checkpointing", "max_skipped_steps", "validation_steps",
-    "validation_timesteps", "validation_prompts", "num_validation_images", "validation_sampling_steps", "derived",
-}
-PATH_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset_name", "unet_init",
-                 "ref_unet", "latent_cache")
-
-
-def result_settings(config: dict) -> dict:
-    """The settings that change a run's result (see RESUMABLE_CHANGES), JSON-normalised."""
-    kept = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
-    for key in PATH_SETTINGS:  # the same folder however it is spelled
-        if kept.get(key) and os.path.exists(kept[key]):
-            kept[key] = os.path.realpath(kept[key])
-    kept["num_processes"] = config["derived"]["num_processes"]
-    return json.loads(json.dumps(kept))
-
-
-def check_same_settings(resume_path: str, recorded: dict | None, now: dict) -> None:
-    """Refuse to resume a checkpoint whose run had other result-changing settings."""
-    if recorded is None:  # written before checkpoints recorded their settings
-        logger.warning("%s records no settings: cannot check that it matches this run", resume_path)
-        return
-    differ = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
-    if differ:
-        shown = "; ".join(f"--{k} {recorded.get(k)!r} there, {now.get(k)!r} now" for k in differ[:4])
-        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
-        raise InputError(f"--resume_from_checkpoint: {resume_path} was written with other settings: {shown}{more}. "
-                         f"Resume with the same settings, or start afresh with another --output_dir")
-
-
-def write_model_card(config: dict, step: int, num_pairs, path: str) -> None:
-    c, d = config, config["derived"]
-    safeguard = (f"on (mu = {c['winner_preserving_mu']}, "
-                 f"{'per pair' if c['winner_preserving_per_sample'] else 'per micro-batch'})"
-                 if c["use_winner_preserving"] else "off")
-    lines = [
-        "---", "library_name: diffusers", f"base_model: {c['pretrained_model_name_or_path']}",
-        "tags: [text-to-image, diffusion, preference-optimization]", "---", "",
-        f"# {c['train_method']} fine-tune of {c['pretrained_model_name_or_path']}", "",
-        "Trained with this project's `train.py`. Load with "
-        "`UNet2DConditionModel.from_pretrained(path, subfolder=\"unet\")`. Every setting is in "
-        "`train_config.json`.", "",
-        "| setting | value |", "|---|---|",
-        f"| base model | {c['pretrained_model_name_or_path']} |",
-        f"| architecture | {'SDXL' if c['sdxl'] else 'SD1.x'} |",
-        f"| initial UNet / reference UNet | {d['policy_unet']} / {d['reference_unet']} |",
-        f"| method | {c['train_method']} |",
-        f"| beta | {c['beta_dpo']} |",
-        f"| DMPO alpha | {c['dmpo_alpha']} |",
-        f"| winner-preserving safeguard | {safeguard} |",
-        f"| timestep weighting | {c['timestep_weighting']} |",
-        f"| data | {c['dataset_name']} (split {c['split']}, {num_pairs if num_pairs is not None else 'streamed'} pairs) |",
-        f"| resolution | {c['resolution']} |",
-        f"| optimizer steps | {step} |",
-        f"| pairs per step | {c['train_batch_size']} x {c['gradient_accumulation_steps']} accumulation x "
-        f"{d['num_processes']} processes |",
-        f"| learning rate | {d['effective_lr']:g} ({c['lr_scheduler']}, {c['lr_warmup_steps']} warmup steps) |",
-        f"| optimizer | {d['optimizer']}, gradient clipping: {d['gradient_clipping']} |",
-        f"| mixed precision | {d['mixed_precision_used']}, loss precision: {d['loss_precision']} |",
-        f"| seed | {c['seed']} (+ process index) |",
-    ]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
 # ---- the recipe ------------------------------------------------------------------------------
 
-WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+class Settings(argparse.Namespace):
+    """The run's settings: the flags with their defaults resolved (parse_args) and the seed chosen
+    (run_seed). Made once, before anything is loaded; read everywhere, written nowhere."""
+
+    def __init__(self, args: argparse.Namespace, **resolved):
+        for key, value in {**vars(args), **resolved}.items():
+            object.__setattr__(self, key, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"the settings are resolved once and then frozen: cannot set {name}")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"the settings are resolved once and then frozen: cannot delete {name}")
+
+
+def output_folders(args) -> dict[str, str]:
+    """The folders a run writes to, by the flag that names them."""
+    folders = {"--output_dir": args.output_dir}
+    if args.report_to != "none":
+        folders["--logging_dir"] = os.path.join(args.output_dir, args.logging_dir)
+    if args.cache_dir:
+        folders["--cache_dir"] = args.cache_dir
+    return folders
+
+
+def find_resume(args) -> tuple[str | None, dict | None]:
+    """(the checkpoint to resume, its trainer state), or (None, None) for a fresh start. Refuses a
+    damaged checkpoint, and a fresh start beside an earlier run's checkpoints."""
+    resume_path = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if resume_path:
+        state = checkpoints.read_state(resume_path)
+        checkpoints.check_readable(resume_path)
+        return resume_path, state
+    found = checkpoints.list_checkpoints(args.output_dir)
+    if not args.resume_from_checkpoint and found:
+        # Starting afresh beside an earlier run's checkpoints would mix the two (pruning would
+        # even delete the new ones, and a later resume would pick the old ones).
+        raise InputError(f"--resume_from_checkpoint '': {args.output_dir} holds an earlier run's checkpoints "
+                         f"(up to checkpoint-{found[-1][0]}); start afresh in another --output_dir, or resume")
+    return None, None
+
+
+def run_seed(args, resume_state: dict | None, num_processes: int, draw=None) -> int:
+    """The run's seed: --seed, else the seed of the checkpoint to resume, else a fresh one from
+    `draw` (train() draws it on the main process and sends it to the others, so that every process
+    derives seed + its index from the same seed and the processes split the data)."""
+    if args.seed is not None:
+        seed = args.seed
+    elif resume_state is not None:
+        seed = int(resume_state["seed"])
+    else:
+        seed = draw() if draw else random.SystemRandom().randrange(2**31)  # the reference's default is unseeded
+    if seed + num_processes > 2**32:
+        raise InputError(f"--seed must be below 2**32 - {num_processes} (process i uses seed + i), got {seed}")
+    return seed
+
+
+def check_models(args, noise_scheduler) -> tuple[int, int]:
+    """The model files (without loading weights) and the settings that depend on the noise
+    schedule; returns the timestep range [lo, hi)."""
+    hub = dict(revision=args.revision, cache_dir=args.cache_dir)
+    models.check_pipeline(args.pretrained_model_name_or_path, args.sdxl, args.pretrained_vae_model_name_or_path, **hub)
+    for flag in ("unet_init", "ref_unet"):
+        if getattr(args, flag):
+            models.check_unet(getattr(args, flag), args.pretrained_model_name_or_path, f"--{flag}", **hub)
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    try:
+        lo, hi = timestep_range(args.timestep_weighting, args.timestep_range, num_train_timesteps)
+    except ValueError as err:
+        raise InputError(f"--timestep_range: {err}") from None
+    if args.validation_pairs and args.validation_timesteps > hi - lo:
+        raise InputError(f"--validation_timesteps {args.validation_timesteps}: the timestep range [{lo}, {hi}) holds "
+                         f"only {hi - lo} timesteps")
+    if args.validation_prompts and args.num_validation_images and args.validation_sampling_steps > num_train_timesteps:
+        raise InputError(f"--validation_sampling_steps {args.validation_sampling_steps}: the scheduler has "
+                         f"{num_train_timesteps} timesteps; sampling takes at most that many steps (25 is usual)")
+    return lo, hi
+
+
+def open_latent_cache(args, mixed_precision: str):
+    """The latent cache of --latent_cache, checked against the run's settings (None without one)."""
+    if not args.latent_cache:
+        return None
+    from sdpo.cache import LatentCache
+
+    tokenizers = models.load_tokenizers(args.pretrained_model_name_or_path, args.sdxl, revision=args.revision,
+                                        cache_dir=args.cache_dir)
+    vae_dtype = models.vae_dtype(args.sdxl, models.DTYPES[mixed_precision], bool(args.pretrained_vae_model_name_or_path))
+    return LatentCache(args.latent_cache, args, vae_dtype, tokenizers)
+
+
+def load_noise_scheduler(args):
+    from diffusers import DDPMScheduler
+
+    return models.load_scheduler(DDPMScheduler, args.pretrained_model_name_or_path, revision=args.revision,
+                                 cache_dir=args.cache_dir)
 
 
 @dataclass
@@ -583,84 +573,42 @@ class Inputs:
     num_pairs: int | None
     validation_pairs: object
     start_step: int
+    total_steps: int
     resume_path: str | None
     scaling_factor: float | None = None  # the VAE's, read from the latent cache when there is one
 
 
-def check_inputs(args, num_processes: int, rank: int, mixed_precision: str) -> Inputs:
-    """The checks that need no model: the seed, the checkpoint to resume and its settings, the
-    noise schedule and timestep range, and the dataset (its columns, its size)."""
-    from diffusers import DDPMScheduler
-
-    resume_path = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    resume_state = None
-    if resume_path:
-        resume_state = checkpoints.read_state(resume_path)
-        checkpoints.check_readable(resume_path)
-        args.seed = resume_state["seed"] if args.seed is None else args.seed
-    elif not args.resume_from_checkpoint and checkpoints.list_checkpoints(args.output_dir):
-        # Starting afresh beside an earlier run's checkpoints would mix the two (pruning would
-        # even delete the new ones, and a later resume would pick the old ones).
-        found = checkpoints.list_checkpoints(args.output_dir)
-        raise InputError(f"--resume_from_checkpoint '': {args.output_dir} holds an earlier run's checkpoints "
-                         f"(up to checkpoint-{found[-1][0]}); start afresh in another --output_dir, or resume")
-    if args.seed is None:
-        args.seed = random.SystemRandom().randrange(2**31)  # the reference's default is unseeded
-    hub = dict(revision=args.revision, cache_dir=args.cache_dir)
-    noise_scheduler = models.load_scheduler(DDPMScheduler, args.pretrained_model_name_or_path, **hub)
-    models.check_pipeline(args.pretrained_model_name_or_path, args.sdxl, args.pretrained_vae_model_name_or_path, **hub)
-    for flag in ("unet_init", "ref_unet"):
-        if getattr(args, flag):
-            models.check_unet(getattr(args, flag), args.pretrained_model_name_or_path, f"--{flag}", **hub)
-    try:
-        timesteps = timestep_range(args.timestep_weighting, args.timestep_range,
-                                   noise_scheduler.config.num_train_timesteps)
-    except ValueError as err:
-        raise InputError(f"--timestep_range: {err}") from None
+def prepare_inputs(args: Settings, num_processes: int, rank: int, mixed_precision: str, resume_path: str | None,
+                   resume_state: dict | None) -> Inputs:
+    """The checks that need no model (the checkpoint's settings, the model files, the noise
+    schedule and timestep range), and this process's dataloader and held-out pairs."""
+    noise_scheduler = load_noise_scheduler(args)
+    timesteps = check_models(args, noise_scheduler)
     start_step = resume_state["global_step"] if resume_state else 0
-    cache = None
-    if args.latent_cache:
-        from sdpo.cache import LatentCache
-
-        tokenizers = models.load_tokenizers(args.pretrained_model_name_or_path, args.sdxl, **hub)
-        cache = LatentCache(args.latent_cache, args, vae_dtype_for(args, WEIGHT_DTYPES.get(mixed_precision, torch.float32)),
-                            tokenizers)
+    cache = open_latent_cache(args, mixed_precision)
     dataloader, num_pairs, validation_pairs = build_dataloader(
         args, rank=rank, world_size=num_processes, start_micro_batch=start_step * args.gradient_accumulation_steps,
         cache=cache)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * math.ceil(len(dataloader) / args.gradient_accumulation_steps)
-    config = run_config(args, num_processes, mixed_precision, timesteps, resume_path)
+    total_steps = args.max_train_steps or args.num_train_epochs * math.ceil(
+        len(dataloader) / args.gradient_accumulation_steps)
+    config = checkpoints.run_config(args, num_processes, mixed_precision, timesteps, resume_path, total_steps)
     if resume_path:
-        check_same_settings(resume_path, resume_state.get("settings"), result_settings(config))
-    return Inputs(config, noise_scheduler, timesteps, dataloader, num_pairs, validation_pairs, start_step, resume_path,
-                  cache.scaling_factor if cache else None)
+        checkpoints.check_same_settings(resume_path, resume_state.get("settings"), checkpoints.result_settings(config))
+    return Inputs(config, noise_scheduler, timesteps, dataloader, num_pairs, validation_pairs, start_step, total_steps,
+                  resume_path, cache.scaling_factor if cache else None)
 
 
-def vae_dtype_for(args, weight_dtype: torch.dtype) -> torch.dtype:
-    """The VAE runs in the weight dtype, except SDXL's own VAE under fp16, which overflows (NaN)."""
-    if args.sdxl and weight_dtype == torch.float16 and not args.pretrained_vae_model_name_or_path:
-        return torch.float32
-    return weight_dtype
-
-
-def share_seed(args, accelerator) -> None:
-    """The run's seed: --seed, else the seed of the checkpoint to resume, else one drawn on the
-    main process and sent to the others, so that every process derives seed + its index from the
-    same seed (and the processes split the data instead of overlapping)."""
-    from accelerate.utils import broadcast_object_list
-
-    if args.seed is None:
-        resume_path = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
-        if resume_path:
-            args.seed = checkpoints.read_state(resume_path)["seed"]
-        else:
-            drawn = [random.SystemRandom().randrange(2**31)]  # the reference's default is unseeded
-            broadcast_object_list(drawn)
-            args.seed = drawn[0]
-    if args.seed + accelerator.num_processes > 2**32:
-        raise InputError(f"--seed must be below 2**32 - {accelerator.num_processes} (process i uses seed + i), "
-                         f"got {args.seed}")
+def check_only(args, mixed_precision: str) -> None:
+    """--check_only: everything prepare_inputs checks, for WORLD_SIZE processes, writing nothing:
+    no output folder, no dataset cache (the data is read from its files, see sdpo.data.check_data)."""
+    num_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    resume_path, resume_state = find_resume(args)
+    settings = Settings(args, seed=run_seed(args, resume_state, num_processes))
+    timesteps = check_models(settings, load_noise_scheduler(settings))
+    check_data(settings, num_processes, open_latent_cache(settings, mixed_precision))
+    if resume_path:
+        config = checkpoints.run_config(settings, num_processes, mixed_precision, timesteps, resume_path, None)
+        checkpoints.check_same_settings(resume_path, resume_state.get("settings"), checkpoints.result_settings(config))
 
 
 def mixed_precision_for(args) -> str:
@@ -672,9 +620,9 @@ def mixed_precision_for(args) -> str:
 
 @dataclass
 class Run:
-    """A run ready to train: its inputs, the accelerator, the models, the optimizer and the step."""
+    """A run ready to train: its inputs, the accelerator, the models, the optimizer and the loss."""
 
-    args: argparse.Namespace
+    args: Settings
     inputs: Inputs
     accelerator: object
     weight_dtype: torch.dtype
@@ -684,24 +632,44 @@ class Run:
     prompt_encoder: PromptEncoder
     optimizer: object
     lr_scheduler: object
-    step: Step
+    loss: MicroBatchLoss
     validation: Validation | None
 
 
-def setup(args, accelerator, inputs: Inputs, parts=None, device=None) -> Run:
+def compile_models(unet, ref_unet, device) -> None:
+    """torch.compile the UNets in place (the modules and their state dicts keep their names).
+
+    On a CPU, inductor vectorises its kernels for the widest instruction set that a build-and-load
+    probe accepts, and the vector width changes the arithmetic (reductions add in another order):
+    on the tiny test model, AVX2 kernels move the second step's loss by 4e-4 relative, scalar ones
+    move even the first loss off log 2. The probe runs a compiler and a child process with a
+    timeout, so on a loaded machine it can fail and silently narrow the width, and the training
+    result would depend on the machine's load. The width is therefore taken from the CPU's flags
+    alone (what ATen's eager kernels also go by), without the probe."""
+    if device.type == "cpu":
+        import torch._inductor.config as inductor
+
+        inductor.cpp.vec_isa_ok = True
+    for model in (unet, ref_unet):
+        if model is not None:
+            model.compile()
+
+
+def setup(args: Settings, accelerator, inputs: Inputs, parts=None, device=None) -> Run:
     """Load the models (or take `parts`, as load_models returns them: the benchmark builds them from
     configs), build the optimizer and the lr schedule, restore a checkpoint. `device` overrides
     the accelerator's (the benchmark counts FLOPs on the meta device)."""
     from diffusers.optimization import get_scheduler
 
     device = device or accelerator.device
-    weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = models.DTYPES[accelerator.mixed_precision]
     # Models: the policy trains in fp32 under autocast; everything frozen runs in the weight dtype.
     tokenizers, text_encoders, vae, unet, ref_unet = parts or load_models(args)
     for frozen in [*text_encoders, vae, ref_unet]:
         if frozen is not None:
             frozen.requires_grad_(False).eval().to(device, dtype=weight_dtype)
-    if vae is not None and vae_dtype_for(args, weight_dtype) != weight_dtype:
+    if vae is not None and models.vae_dtype(args.sdxl, weight_dtype,
+                                            bool(args.pretrained_vae_model_name_or_path)) != weight_dtype:
         vae.to(dtype=torch.float32)  # SDXL's original VAE overflows in fp16 (NaN latents)
         logger.warning("fp16 with SDXL's own VAE: encoding in fp32; the fp16-fix VAE "
                        "(--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix) is faster")
@@ -716,54 +684,23 @@ def setup(args, accelerator, inputs: Inputs, parts=None, device=None) -> Run:
 
     optimizer = build_optimizer(args, unet.parameters(), inputs.config["derived"]["effective_lr"], device)
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    if args.compile:  # compiled in place: the module and its state dict keep their names
-        unet.compile()
-        if ref_unet is not None:
-            ref_unet.compile()
+    if args.compile:
+        compile_models(unet, ref_unet, device)
     # The reference steps its prepared scheduler once per optimizer step per process, with warmup
     # and length multiplied by the process count: the warmup counts optimizer steps. So do we.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps)
+                                 num_training_steps=inputs.total_steps)
     if inputs.resume_path:
         checkpoints.load_checkpoint(inputs.resume_path, accelerator, unet, optimizer, lr_scheduler)
         logger.info("resumed from %s at step %d", inputs.resume_path, inputs.start_step)
     scaling_factor = inputs.scaling_factor if inputs.scaling_factor is not None else vae.config.scaling_factor
-    step = Step(args, accelerator, unet, ref_unet, vae, prompt_encoder, inputs.noise_scheduler, weight_dtype,
-                inputs.timesteps, scaling_factor)
-    step.device = device
+    loss = MicroBatchLoss(args, accelerator, unet, ref_unet, vae, prompt_encoder, inputs.noise_scheduler, weight_dtype,
+                          inputs.timesteps, scaling_factor, device)
     validation = None
     if inputs.validation_pairs is not None:
-        validation = Validation(step, inputs.validation_pairs, args.validation_timesteps)
+        validation = Validation(loss, inputs.validation_pairs, args.validation_timesteps)
     return Run(args, inputs, accelerator, weight_dtype, unet, ref_unet, vae, prompt_encoder, optimizer,
-               lr_scheduler, step, validation)
-
-
-class MetricsFile:
-    """metrics.jsonl: one JSON object per line, appended on the main process. On resume, the lines
-    after the resume point are dropped, and so is a line cut short by a kill or a full disk."""
-
-    def __init__(self, path: str, keep_up_to: int, main: bool):
-        self.path, self.main = path, main
-        if not main or not os.path.exists(path):
-            return
-        kept, torn = [], 0
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    torn += 1
-                    continue
-                if isinstance(entry, dict) and entry.get("step", math.inf) <= keep_up_to:
-                    kept.append(json.dumps(entry) + "\n")
-        if torn:
-            logger.warning("%s: dropped %d unreadable line(s), as a killed run leaves them", path, torn)
-        write_text_atomic("".join(kept), path)
-
-    def append(self, step: int, values: dict) -> None:
-        if self.main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
+               lr_scheduler, loss, validation)
 
 
 def validate_now(run: Run, step: int, metrics: MetricsFile) -> None:
@@ -832,7 +769,7 @@ def train_step(run: Run, batches) -> tuple[dict[str, float], str]:
         # Gradients are all-reduced only on the last micro-batch of a step.
         sync = accelerator.no_sync(unet) if micro < accum - 1 else contextlib.nullcontext()
         with sync:
-            loss, stats = run.step(batch)
+            loss, stats = run.loss(batch)
             accelerator.backward(loss / accum)
         step_stats.append({"loss": loss.detach(), **stats})
     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf  # inf: measure the norm, clip nothing
@@ -868,22 +805,23 @@ def fit(run: Run) -> dict:
     unet, optimizer, lr_scheduler = run.unet, run.optimizer, run.lr_scheduler
     accum, start_step = args.gradient_accumulation_steps, inputs.start_step
     derived = inputs.config["derived"]
+    total = inputs.total_steps
     logger.info("%s on %s: %d pairs per step (%d per process x %d accumulation x %d processes), %d steps, lr %g, "
                 "gradient clipping: %s, loss precision: %s", args.train_method, "SDXL" if args.sdxl else "SD1.x",
                 derived["pairs_per_step"], args.train_batch_size, accum, derived["num_processes"],
-                args.max_train_steps, derived["effective_lr"], derived["gradient_clipping"], args.loss_precision)
+                total, derived["effective_lr"], derived["gradient_clipping"], args.loss_precision)
 
     metrics = MetricsFile(os.path.join(args.output_dir, "metrics.jsonl"), start_step, accelerator.is_main_process)
     if start_step == 0:
         validate_now(run, 0, metrics)
     batches = iter(inputs.dataloader)
-    progress = tqdm(range(start_step, args.max_train_steps), initial=start_step, total=args.max_train_steps,
+    progress = tqdm(range(start_step, total), initial=start_step, total=total,
                     disable=not accelerator.is_local_main_process, desc="steps")
     run_state = {"seed": args.seed, "train_method": args.train_method, "sdxl": args.sdxl,
-                 "settings": result_settings(inputs.config)}
+                 "settings": checkpoints.result_settings(inputs.config)}
     logs, skipped_in_a_row, counts = {}, 0, {"stepped": 0, "skipped": 0, "overflow": 0}
     try:
-        for step in range(start_step, args.max_train_steps):
+        for step in range(start_step, total):
             started = time.perf_counter()
             values, status = train_step(run, batches)
             counts[status] += 1
@@ -904,7 +842,7 @@ def fit(run: Run) -> dict:
             progress.update(1)
             progress.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "implicit_acc", "lr") if k in logs})
 
-            last = step + 1 == args.max_train_steps
+            last = step + 1 == total
             if (args.validation_steps and (step + 1) % args.validation_steps == 0) or last:
                 validate_now(run, step + 1, metrics)
             if args.checkpointing_steps and (step + 1) % args.checkpointing_steps == 0:
@@ -930,7 +868,7 @@ def check_finite_weights(run: Run, step: int) -> None:
 def save_final(run: Run) -> None:
     """The trained UNet (safetensors) and its model card, replacing an earlier final save atomically."""
     args, accelerator = run.args, run.accelerator
-    check_finite_weights(run, args.max_train_steps)
+    check_finite_weights(run, run.inputs.total_steps)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tmp = os.path.join(args.output_dir, "unet.tmp")
@@ -939,8 +877,8 @@ def save_final(run: Run) -> None:
         if os.path.exists(final):
             checkpoints.remove_tree(final)
         os.replace(tmp, final)
-        write_model_card(run.inputs.config, args.max_train_steps, run.inputs.num_pairs,
-                         os.path.join(args.output_dir, "README.md"))
+        checkpoints.write_model_card(run.inputs.config, run.inputs.total_steps, run.inputs.num_pairs,
+                                     os.path.join(args.output_dir, "README.md"))
         logger.info("saved the trained UNet to %s", final)
 
 
@@ -948,65 +886,6 @@ def quiet_libraries() -> None:
     """Library loggers at WARNING (sdpo.models drops diffusers' warning about an empty list)."""
     for name in ("diffusers", "transformers", "datasets", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def choose_winners(args, accelerator, inputs: Inputs) -> None:
-    """AI feedback: a reward model chooses each pair's winner, once, before training (as TRL
-    computes reference log-probabilities up front), and the datasets put that image first.
-
-    As the reference: jpg_1 wins if it scores higher, else jpg_0; label_0 is ignored (ties in it
-    are still dropped). The processes score a share of the pairs each; the choices are saved in
-    output_dir/choices-<metric>.json with what produced them, and reused when that matches."""
-    from accelerate.utils import gather_object
-
-    from eval.scorers import build_scorer, parse_sources, scorer_identity
-    from sdpo.data import UnreadableImage, dataset_identity, decode_image
-    from sdpo.files import first_difference
-
-    # The training pairs and the held-out ones, each with its split (--validation_split may be another).
-    parts = [(args.split, inputs.dataloader.dataset)]
-    if inputs.validation_pairs is not None:
-        parts.append((args.validation_split or args.split, inputs.validation_pairs))
-    sources = parse_sources(args.choice_model_source, flag="--choice_model_source").get(args.choice_model, {})
-    record = {"scorer": scorer_identity(args.choice_model, sources),
-              "data": [{**dataset_identity(args, split), "rows": len(dataset.rows),
-                        "rows_sha256": hashlib.sha256(json.dumps(sorted(dataset.rows)).encode()).hexdigest()}
-                       for split, dataset in parts]}
-    path = os.path.join(args.output_dir, f"choices-{args.choice_model}.json")
-    saved = None
-    if os.path.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
-        why = first_difference(saved.get("record"), record)
-        if why:
-            logger.info("%s was made by another scorer or other pairs (%s): choosing again", path, why)
-            saved = None
-    if saved is None:
-        scorer = build_scorer(args.choice_model, device=str(accelerator.device), flag="--choice_model_source",
-                              **sources)
-        choices = []
-        for _, dataset in parts:
-            mine = {}
-            for row in sorted(dataset.rows)[accelerator.process_index :: accelerator.num_processes]:
-                item = dataset.data[row]
-                try:
-                    images = [decode_image(item[column]) for column in ("jpg_0", "jpg_1")]
-                except UnreadableImage:
-                    continue  # skipped in training anyway
-                caption = item[args.caption_column] or ""
-                score_0, score_1 = scorer.score(images, [str(caption)] * 2)
-                mine[row] = bool(score_1 > score_0)  # a tie keeps jpg_0 first, as the reference
-            choices.append({row: wins for part in gather_object([mine]) for row, wins in part.items()})
-        del scorer
-        if accelerator.is_main_process:
-            write_json_atomic({"record": record, "jpg_1_wins": [{str(r): w for r, w in sorted(chosen.items())}
-                                                                for chosen in choices]}, path)
-        logger.info("%s chose the winner of %d pairs; jpg_1 won %d", args.choice_model,
-                    sum(map(len, choices)), sum(sum(chosen.values()) for chosen in choices))
-    else:
-        choices = [{int(row): wins for row, wins in chosen.items()} for chosen in saved["jpg_1_wins"]]
-    for (_, dataset), chosen in zip(parts, choices):
-        dataset.jpg_1_wins = chosen
 
 
 def make_accelerator(args, mixed_precision: str, cpu: bool = False, device_placement: bool = True):
@@ -1022,12 +901,13 @@ def make_accelerator(args, mixed_precision: str, cpu: bool = False, device_place
 
 
 def train(args):
-    from accelerate.utils import set_seed
+    """The recipe: check the settings, resolve them, load the data and the models, fit, save."""
+    from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
-    validate(args)
+    check_settings(args)
     mixed_precision = mixed_precision_for(args)
     if args.check_only:
-        check_inputs(args, int(os.environ.get("WORLD_SIZE", "1")), 0, mixed_precision)
+        check_only(args, mixed_precision)
         print(f"checked: the settings, paths and data of {args.output_dir} are usable")
         return {}
     accelerator = make_accelerator(args, mixed_precision)
@@ -1038,30 +918,40 @@ def train(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if accelerator.is_main_process:
+        for flag, folder in output_folders(args).items():
+            check_output_dir(folder, flag)
         for name in checkpoints.clean_output_dir(args.output_dir):
             logger.warning("removed %s, left by a killed run", os.path.join(args.output_dir, name))
     accelerator.wait_for_everyone()
-    share_seed(args, accelerator)
 
+    def draw_on_main():
+        drawn = [random.SystemRandom().randrange(2**31)]  # the reference's default is unseeded
+        return broadcast_object_list(drawn)[0]
+
+    resume_path, resume_state = find_resume(args)
+    settings = Settings(args, seed=run_seed(args, resume_state, accelerator.num_processes, draw_on_main))
     # The settings and the data are checked before any model loads.
-    inputs = check_inputs(args, accelerator.num_processes, accelerator.process_index, accelerator.mixed_precision)
-    from accelerate.utils import gather_object
-
-    inputs.config["derived"]["process_seeds"] = gather_object([args.seed + accelerator.process_index])
+    inputs = prepare_inputs(settings, accelerator.num_processes, accelerator.process_index, accelerator.mixed_precision,
+                            resume_path, resume_state)
+    inputs.config["derived"]["process_seeds"] = gather_object([settings.seed + accelerator.process_index])
     if accelerator.is_main_process:
-        write_json_atomic(inputs.config, os.path.join(args.output_dir, CONFIG_FILE))
-    if args.dry_run:
-        logger.info("dry run: the settings and the data check out; wrote %s", os.path.join(args.output_dir, CONFIG_FILE))
+        write_json_atomic(inputs.config, os.path.join(settings.output_dir, CONFIG_FILE))
+    if settings.dry_run:
+        logger.info("dry run: the settings and the data check out; wrote %s",
+                    os.path.join(settings.output_dir, CONFIG_FILE))
         accelerator.end_training()
         return {}
-    if args.choice_model:
-        choose_winners(args, accelerator, inputs)
-    set_seed(args.seed + accelerator.process_index)  # as the reference: each process its own stream
-    run = setup(args, accelerator, inputs)
+    if settings.choice_model:
+        parts = [(settings.split, inputs.dataloader.dataset)]
+        if inputs.validation_pairs is not None:
+            parts.append((settings.validation_split or settings.split, inputs.validation_pairs))
+        choose_winners(settings, accelerator, parts)
+    set_seed(settings.seed + accelerator.process_index)  # as the reference: each process its own stream
+    run = setup(settings, accelerator, inputs)
     if accelerator.is_main_process and accelerator.log_with:
         flat = {k: v for k, v in {**inputs.config, **inputs.config["derived"]}.items()
                 if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(args.tracker_project_name, flat)
+        accelerator.init_trackers(settings.tracker_project_name, flat)
     logs = fit(run)
     save_final(run)
     accelerator.end_training()

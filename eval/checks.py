@@ -11,10 +11,20 @@ import math
 import os
 
 from sdpo.errors import ArgumentParser, InputError, first_line
-from sdpo.files import check_output_dir
+from sdpo.flags import device, no_empty_values, output_file  # noqa: F401  (the eval commands' checks)
 
 
-Parser = ArgumentParser  # usage errors are InputErrors: one `error:` line, exit status 2
+MAX_IMAGE_SIZE = 8192  # pixels per side; SD1.5 and SDXL are trained at 512 and 1024
+
+
+class Parser(ArgumentParser):
+    """The evaluation commands' parser: usage errors are InputErrors (one `error:` line, exit
+    status 2), and so is an empty value of any flag or argument (see no_empty_values)."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        no_empty_values(parsed, positional={a.dest for a in self._actions if not a.option_strings})
+        return parsed
 
 
 def check(ok: bool, message: str) -> None:
@@ -29,9 +39,20 @@ def at_least_one(value, flag: str) -> None:
 
 def image_size(value: int, flag: str) -> None:
     """Heights and widths: a positive multiple of 8, what the Stable Diffusion VAEs need (they
-    downsample by 8; the latent must have whole pixels)."""
+    downsample by 8; the latent must have whole pixels), and at most MAX_IMAGE_SIZE: far beyond
+    what these models are run at, where a typo (an extra zero) would only fail after the models
+    loaded, out of memory."""
     check(value >= 8 and value % 8 == 0, f"{flag} must be a positive multiple of 8 (the VAE works on 8x8 pixel "
                                          f"blocks), got {value}")
+    check(value <= MAX_IMAGE_SIZE, f"{flag} must be at most {MAX_IMAGE_SIZE} (SD1.5 is trained at 512, SDXL at "
+                                   f"1024), got {value}")
+
+
+def folder(path: str, flag: str) -> str:
+    """An existing folder to read from."""
+    check(not os.path.isfile(path), f"{flag} {path}: a file, not a folder")
+    check(os.path.isdir(path), f"{flag} {path}: no such folder")
+    return path
 
 
 def seed(value: int, flag: str = "--seed") -> None:
@@ -49,34 +70,6 @@ def distinct(values, flag: str) -> None:
     for value in values:
         check(value not in seen, f"{flag}: {value} is given twice")
         seen.add(value)
-
-
-def device(value: str | None, flag: str = "--device") -> str:
-    """The device to run on: the given one, checked to exist here, or cuda when there is one."""
-    import torch
-
-    if value is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(value)
-    except (RuntimeError, ValueError, TypeError):
-        raise InputError(f"{flag} {value!r}: not a device; use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        check(count > 0, f"{flag} {value}: CUDA is not available on this machine")
-        check(dev.index is None or dev.index < count, f"{flag} {value}: this machine has {count} CUDA device(s)")
-    elif dev.type == "mps":
-        check(torch.backends.mps.is_available(), f"{flag} {value}: MPS is not available on this machine")
-    else:
-        check(dev.type == "cpu", f"{flag} {value}: not a device to evaluate on; use cpu, cuda, cuda:N or mps")
-    return value
-
-
-def writable_file(path: str, flag: str) -> str:
-    """A file to (re)write: not a folder, in a writable folder."""
-    check(not os.path.isdir(path), f"{flag} {path}: a folder, not a file")
-    check_output_dir(os.path.dirname(os.path.abspath(path)), flag)
-    return path
 
 
 def read_json(path: str, flag: str):

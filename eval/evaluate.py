@@ -16,6 +16,9 @@ Every flag is checked, and the output folder made and proven writable, before an
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python eval/X.py): make the repository importable first
+    import _as_file  # noqa: F401  (eval/_as_file.py)
+
 import argparse
 import copy
 import os
@@ -41,7 +44,7 @@ def suite_args(args) -> list:
     """One eval.generate argument set per suite, each checked (no model is loaded)."""
     checks.distinct(args.suites, "--suites")
     if args.prompts_dir is not None:
-        checks.check(os.path.isdir(args.prompts_dir), f"--prompts_dir {args.prompts_dir}: no such folder")
+        checks.folder(args.prompts_dir, "--prompts_dir")
     out = []
     for suite in args.suites:
         if args.prompts_dir:

@@ -12,7 +12,10 @@ Protocol:
 - Every prompt starts from the same initial noise: a generator seeded with the seed, per prompt.
   So images do not depend on the batch size.
 - The negative branch is the encoded empty prompt. Guidance is
-  pred_cond + cfg * (pred_cond - pred_uncond), with cfg = 7.5.
+  pred_cond + cfg * (pred_cond - pred_uncond), with cfg = 7.5: the reference's formula, not
+  diffusers'. diffusers computes pred_uncond + s * (pred_cond - pred_uncond), so our cfg equals
+  diffusers' guidance_scale minus 1: cfg 7.5 here is guidance_scale 8.5 there. Compare with
+  diffusers images made at guidance_scale = cfg + 1.
 
 Output, named as the reference names it:
 - the folder <output_path>/<suite>_seed<S>_<H>x<W>_<steps>s_<cfg>cfg/, holding <index>_<H>x<W>.png
@@ -35,6 +38,9 @@ per base model.
 """
 
 from __future__ import annotations
+
+if not __package__:  # run as a file (python eval/X.py): make the repository importable first
+    import _as_file  # noqa: F401  (eval/_as_file.py)
 
 import argparse
 import hashlib
@@ -185,17 +191,29 @@ def check_args(args) -> None:
     models.check_base(args.pretrain_path, args.sdxl, "--pretrain_path")
     checks.check(args.unet_path == "base" or os.path.exists(args.unet_path),
                  f"--unet_path {args.unet_path!r}: not found (give 'base', a folder, a .safetensors or a .pth file)")
-    models.check_unet(args.unet_path, args.pretrain_path, "--unet_path")  # shapes only: no weight loads
     if args.vae_path is not None and not os.path.isdir(args.vae_path):
         checks.check(not os.path.exists(args.vae_path), f"--vae_path {args.vae_path}: a file; a VAE folder is needed")
         checks.check(models.HUB_ID.fullmatch(args.vae_path) is not None,
                      f"--vae_path {args.vae_path!r}: no such folder, and not a hub id (owner/name)")
+    # Configs and shapes only, no weight loads: a pipeline or VAE folder that lacks a part fails here.
+    models.check_pipeline(args.pretrain_path, args.sdxl, args.vae_path, "--pretrain_path", "--vae_path")
+    models.check_unet(args.unet_path, args.pretrain_path, "--unet_path")
+    check_steps(args.steps, args.pretrain_path)
     args.suite = load_suite(args.test_json)
     if args.output_path is None:
         args.output_path = default_output_path(args)
     check_output_dir(args.output_path, "--output_path")
     name = run_name(args.test_json, args.seed, args.height, args.width, args.steps, args.cfg)
     args.image_dir = check_output_dir(os.path.join(args.output_path, name), "--output_path")
+
+
+def check_steps(steps: int, base: str) -> None:
+    """At most as many sampling steps as the scheduler has training timesteps: beyond that, steps
+    repeat timesteps (or round to 0) and the run only costs time."""
+    from diffusers import EulerDiscreteScheduler
+
+    limit = models.load_scheduler(EulerDiscreteScheduler, base, "--pretrain_path").config.num_train_timesteps
+    checks.check(steps <= limit, f"--steps must be at most {limit}, the scheduler's training timesteps, got {steps}")
 
 
 def generate(args, loaded: dict | None = None) -> str:
@@ -246,7 +264,7 @@ def generate(args, loaded: dict | None = None) -> str:
     keep.update({str(i): suite[i]["prompt"] for i in range(len(suite)) if i not in pending})
     generator = None
     if todo:  # loaded before anything on disk changes: a model that fails to load leaves the folder as it was
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        dtype = models.DTYPES[args.dtype]
         key = (args.pretrain_path, args.unet_path, args.sdxl, args.vae_path, args.device, dtype)
         loaded = {} if loaded is None else loaded
         if key not in loaded:
@@ -292,7 +310,8 @@ def add_generation_flags(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg", type=float, default=7.5,
-                   help="guidance scale: cond + cfg (cond - uncond); 0 is no guidance, negative values are refused")
+                   help="guidance: cond + cfg (cond - uncond), the reference's formula; diffusers' guidance_scale "
+                        "is cfg + 1 (7.5 here is 8.5 there); 0 is no guidance, negative values are refused")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per batch (images do not depend on it)")
     p.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts, for a quick look")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
@@ -301,7 +320,7 @@ def add_generation_flags(p) -> None:
 
 
 def finish_args(args):
-    size = 1024 if args.sdxl else 512
+    size = models.default_resolution(args.sdxl)
     args.height = size if args.height is None else args.height
     args.width = size if args.width is None else args.width
     if args.pretrain_path is None:

@@ -29,6 +29,9 @@ a shipped file without --force. It reports whether the result has the shipped su
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python eval/X.py): make the repository importable first
+    import _as_file  # noqa: F401  (eval/_as_file.py)
+
 import argparse
 import csv
 import hashlib
@@ -38,7 +41,7 @@ import urllib.request
 
 from eval import checks
 from sdpo.files import write_json_atomic
-from sdpo.errors import InputError, reports_input_errors
+from sdpo.errors import InputError, first_line, reports_input_errors
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prompts")
 DEFAULT_SOURCES = {
@@ -114,7 +117,8 @@ def _read_text(source: str) -> str:
             with urllib.request.urlopen(source, timeout=60) as response:
                 return response.read().decode("utf-8")
         except OSError as err:
-            raise InputError(f"could not download {source}: {err}; pass a local copy with --source") from err
+            raise InputError(f"could not download {source}: {first_line(err)}; "
+                             f"pass a local copy with --source") from err
     raise InputError("neither a file nor a URL")
 
 
@@ -124,6 +128,9 @@ def build_partiprompts(source: str) -> list[dict]:
 
 def build_hpsv2(source: str) -> list[dict]:
     """The four HPDv2 benchmark styles, in order, each a JSON list of prompt strings."""
+    if os.path.isfile(source):
+        raise InputError("a file; a folder holding the four benchmark files (anime.json, ...) or a hub dataset "
+                         "id is needed")
     suite = []
     for style in HPS_STYLES:
         if os.path.isdir(source):
@@ -137,7 +144,7 @@ def build_hpsv2(source: str) -> list[dict]:
             try:
                 path = hf_hub_download(source, f"benchmark/{style}.json", repo_type="dataset")
             except Exception as err:  # hub errors come in many types; all mean "not available"
-                raise InputError(f"could not fetch benchmark/{style}.json from {source}: {err}; "
+                raise InputError(f"could not fetch benchmark/{style}.json from {source}: {first_line(err)}; "
                                  f"pass a local folder with --source") from err
         prompts = checks.read_json(path, "benchmark file")
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
@@ -216,7 +223,7 @@ def main(argv=None):
     if os.path.exists(output) and is_shipped_path(output) and not args.force:
         raise InputError(f"{output} ships with the project; write elsewhere with --output FILE, "
                          f"or pass --force to replace it")
-    checks.writable_file(output, "--output")
+    checks.output_file(output, "--output")
     suite = build(args.suite, args.source or DEFAULT_SOURCES[args.suite])
     write_suite(suite, output, ensure_ascii=ENSURE_ASCII[args.suite])
     same = fingerprint(suite) == FINGERPRINTS[args.suite]

@@ -13,17 +13,28 @@ For each manifest X.json and metric M it writes X_M.json:
      "images": [[size, mtime_ns] of each record's image],
      "records": the manifest's records, each with a "score"}
 
-A score file is reused only when its scorer, its records and its images are those of this run;
-otherwise (another --source, regenerated images, an edited manifest, a file of an older format)
-it is computed again, with a line that says why. --recompute scores everything again. The table
-(suites by metrics, means) is printed and saved as markdown (--table, default summary.md beside
-the first manifest) and as JSON beside it (summary.json).
+A score file is reused when its scorer, its records and its images are those of this run;
+otherwise (another --source, regenerated images, an edited manifest) it is computed again, with a
+line that says why. A score file without that record (our older format, a JSON list of the
+manifest's records each with a "score"; or the reference's X_image_reward_score.json, whose
+records carry "image_reward_score") is used when its prompts and image paths are the manifest's,
+in order, and every record has a score, with a warning that it is unverified; otherwise it is
+scored again. The reference's other files (X_pickscore.json, X_hpsv2score.json, X_aesscore.json,
+X_clipscore.json) hold no per-image scores: those metrics are scored. --recompute scores
+everything again.
+
+The table (suites by metrics, means) is printed and saved as markdown (--table, default
+summary.md beside the first manifest) and as JSON beside it (summary.json).
 """
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python eval/X.py): make the repository importable first
+    import _as_file  # noqa: F401  (eval/_as_file.py)
+
 import argparse
 import gc
+import math
 import os
 
 from PIL import Image
@@ -35,10 +46,21 @@ from eval.scorers import METRICS, SOURCES, build_scorer, parse_sources, scorer_i
 from sdpo.errors import InputError, first_line, reports_input_errors
 
 SCORE_FORMAT = "sdpo-scores/1"
+# The score files the reference's tools (utils/*_utils.py) write for a manifest X.json: X_<name>.json,
+# a copy of the manifest's records. Only ImageReward's tool stores each image's score (in the field
+# named here); the other four printed their mean and saved the records without scores.
+REFERENCE_FILES = {"pickscore": ("pickscore", None), "hpsv2": ("hpsv2score", None), "aesthetics": ("aesscore", None),
+                   "clip": ("clipscore", None), "imagereward": ("image_reward_score", "image_reward_score")}
+UNVERIFIED = ("scores used unverified: the file holds no record of the scorer or of the images behind them "
+              "(--recompute scores again)")
 
 
 def score_path(manifest_path: str, metric: str) -> str:
     return f"{os.path.splitext(manifest_path)[0]}_{metric}.json"
+
+
+def reference_score_path(manifest_path: str, metric: str) -> str:
+    return f"{os.path.splitext(manifest_path)[0]}_{REFERENCE_FILES[metric][0]}.json"
 
 
 def load_manifest(path: str, flag: str = "manifest") -> list[dict]:
@@ -77,14 +99,23 @@ def open_image(path: str) -> Image.Image:
         raise InputError(f"unreadable image {path}: {first_line(err)} (generate it again with eval.generate)") from None
 
 
-def stale_reason(path: str, metric: str, records: list[dict], images: list, identity: dict) -> str | None:
-    """Why the score file at `path` cannot serve these records, images and scorer; None if it can."""
-    try:
-        content = checks.read_json(path, "score file")
-    except InputError as err:
-        return f"unreadable ({err})"
-    if isinstance(content, list):
-        return "a score file of an older format, without a record of the scorer and images behind it"
+def is_score(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def same_records(scored, records: list[dict]) -> str | None:
+    """Why the records of a score file are not those of the manifest (the same prompts and image
+    paths, in the same order); None if they are."""
+    if not isinstance(scored, list) or len(scored) != len(records):
+        return "made for another manifest (a different number of records)"
+    for index, (s, r) in enumerate(zip(scored, records)):
+        if not isinstance(s, dict) or s.get("prompt") != r["prompt"] or s.get("gen_image_path") != r["gen_image_path"]:
+            return f"made for another manifest (record {index} differs)"
+    return None
+
+
+def stale_reason(content, metric: str, records: list[dict], images: list, identity: dict) -> str | None:
+    """Why a score file of our format cannot serve these records, images and scorer; None if it can."""
     if not isinstance(content, dict) or content.get("format") != SCORE_FORMAT:
         return "not a score file of this version"
     if content.get("metric") != metric:
@@ -93,12 +124,11 @@ def stale_reason(path: str, metric: str, records: list[dict], images: list, iden
     if diff:
         return f"made by another scorer ({diff})"
     scored = content.get("records")
-    if not isinstance(scored, list) or len(scored) != len(records):
-        return "made for another manifest (a different number of records)"
-    for index, (s, r) in enumerate(zip(scored, records)):
-        if not isinstance(s, dict) or s.get("prompt") != r["prompt"] or s.get("gen_image_path") != r["gen_image_path"]:
-            return f"made for another manifest (record {index} differs)"
-        if not isinstance(s.get("score"), (int, float)):
+    other = same_records(scored, records)
+    if other:
+        return other
+    for index, s in enumerate(scored):
+        if not is_score(s.get("score")):
             return f"record {index} has no score"
     old = content.get("images")
     if not isinstance(old, list) or len(old) != len(images):
@@ -110,19 +140,60 @@ def stale_reason(path: str, metric: str, records: list[dict], images: list, iden
     return None
 
 
+def unrecorded_scores(content: list, records: list[dict], field: str):
+    """A score file without a record (a JSON list of scored records: our older format, or the
+    reference's): (the manifest's records with their scores, None) when its records are the
+    manifest's and each has a finite number in `field`; else (None, why not)."""
+    other = same_records(content, records)
+    if other:
+        return None, f"a score file without a record, {other}"
+    for index, s in enumerate(content):
+        if not is_score(s.get(field)):
+            return None, f"record {index} has no numeric {field!r}"
+    return [{**r, "score": float(s[field])} for r, s in zip(records, content)], None
+
+
+def found_score_file(manifest_path: str, metric: str) -> tuple[str, str | None] | None:
+    """(path, score field) of this manifest's score file for the metric: ours, X_<metric>.json
+    (whose older format keeps each score in "score"), else the reference's, with the field where
+    its tool keeps the score (None: it kept none). None when there is neither."""
+    for path, field in ((score_path(manifest_path, metric), "score"),
+                        (reference_score_path(manifest_path, metric), REFERENCE_FILES[metric][1])):
+        if os.path.exists(path):
+            return path, field
+    return None
+
+
 def cached_scores(manifest_path: str, metric: str, records: list[dict], images: list, identity: dict,
                   recompute: bool = False) -> tuple[list[dict] | None, str | None]:
-    """(the scored records of this manifest's score file, None) when it can be reused, else
-    (None, why not); why is None when there is no score file."""
-    path = score_path(manifest_path, metric)
-    if not os.path.exists(path):
+    """(scored records, note) from this manifest's score file, with the line to print about it:
+    - ours with a record of this scorer and these images: (records, None);
+    - one without a record whose records are the manifest's, each with a score: (records, a
+      warning that they are unverified);
+    - otherwise (None, why it is scored again); (None, None) when there is no score file."""
+    found = found_score_file(manifest_path, metric)
+    if found is None:
         return None, None
+    path, field = found
     if recompute:
-        return None, "--recompute"
-    reason = stale_reason(path, metric, records, images, identity)
+        return None, f"{path}: --recompute; scoring again"
+    try:
+        content = checks.read_json(path, "score file")
+    except InputError as err:
+        return None, f"{path}: unreadable ({err}); scoring again"
+    if isinstance(content, list):
+        if field is None or not any(isinstance(s, dict) and field in s for s in content):
+            if path == reference_score_path(manifest_path, metric):
+                return None, f"{path}: holds no per-image scores (the reference's tool printed only the mean): scoring"
+            return None, f"{path}: holds no per-image scores; scoring again"
+        scored, why = unrecorded_scores(content, records, field)
+        if scored is None:
+            return None, f"{path}: {why}; scoring again"
+        return scored, f"warning: {path}: {UNVERIFIED}"
+    reason = stale_reason(content, metric, records, images, identity)
     if reason:
-        return None, reason
-    return checks.read_json(path, "score file")["records"], None
+        return None, f"{path}: {reason}; scoring again"
+    return content["records"], None
 
 
 def score_manifest(manifest_path: str, metric: str, scorer, records: list[dict], images: list,
@@ -172,9 +243,9 @@ def collect_scores(manifests, metrics, device, batch_size, sources, recompute: b
     scored = {}
     for metric in metrics:
         for m in manifests:
-            scored[(m, metric)], reason = cached_scores(m, metric, records[m], images[m], identities[metric], recompute)
-            if reason:
-                print(f"{score_path(m, metric)}: {reason}; scoring again")
+            scored[(m, metric)], note = cached_scores(m, metric, records[m], images[m], identities[metric], recompute)
+            if note:
+                print(note)
     missing = [metric for metric in metrics if any(scored[(m, metric)] is None for m in manifests)]
     for metric, scorer in scorer_factory(missing, device, batch_size, sources):
         for m in manifests:
@@ -247,7 +318,7 @@ def main(argv=None):
         load_manifest(m)  # before anything else is made or loaded
         check_output_dir(os.path.dirname(os.path.abspath(m)), "the manifest's folder (where score files go)")
     path = args.table or os.path.join(os.path.dirname(os.path.abspath(args.manifests[0])), "summary.md")
-    checks.writable_file(path, "--table")
+    checks.output_file(path, "--table")
     means = score_all(args.manifests, args.metrics, device, args.batch_size, sources, args.recompute)
     print(markdown_table(means, args.metrics))
     json_path = write_table(means, args.metrics, path)

@@ -37,6 +37,7 @@ DEFAULT_AESTHETIC_MLP = ("https://github.com/christophschuhmann/improved-aesthet
 #   pretrained: a local folder or a hub id (from_pretrained)
 #   fetch: a local file, a local folder holding the released file name, a URL or a hub id
 #   file: a local file        file_or_url: a local file or a URL        name: a name the library knows
+#   tag: an open_clip pretrained tag (downloaded) or a local file
 #   a tuple: one of these values        int: a positive integer
 SOURCES = {
     "pickscore": {"model": ("yuvalkirstain/PickScore_v1", "pretrained"),
@@ -44,11 +45,13 @@ SOURCES = {
     "hpsv2": {"arch": ("ViT-H-14", "name"), "checkpoint": ("xswu/HPSv2", "fetch"),
               "preprocess": ("open_clip", ("open_clip", "package")), "config": (None, "file")},
     "aesthetics": {"clip": ("openai/clip-vit-large-patch14", "pretrained"), "mlp": (DEFAULT_AESTHETIC_MLP, "file_or_url")},
-    "clip": {"arch": ("ViT-H-14", "name"), "pretrained": ("laion2B-s32B-b79K", "name"), "checkpoint": (None, "file"),
+    "clip": {"arch": ("ViT-H-14", "name"), "pretrained": ("laion2B-s32B-b79K", "tag"), "checkpoint": (None, "file"),
              "config": (None, "file")},
     "imagereward": {"checkpoint": ("THUDM/ImageReward", "fetch"), "med_config": ("THUDM/ImageReward", "fetch"),
                     "tokenizer": ("bert-base-uncased", "pretrained"), "vision_heads": ("16", "int")},
 }
+# The kinds of source that may be downloaded, and so fail without network.
+DOWNLOADED = ("pretrained", "fetch", "file_or_url", "tag")
 # A hub id: "owner/name", or a legacy one-part name such as "bert-base-uncased".
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
@@ -95,10 +98,15 @@ def scorer_identity(metric: str, sources: dict[str, str] | None = None) -> dict:
     their files (sdpo.files.path_identity). Two equal identities score alike."""
     from sdpo.files import path_identity
 
-    sources = sources or {}
-    given = {field: sources.get(field, default) for field, (default, _) in SOURCES[metric].items()}
+    given = with_defaults(metric, sources)
     return {"metric": metric, "version": SCORERS[metric].version,
             "sources": {field: None if value is None else path_identity(value) for field, value in given.items()}}
+
+
+def with_defaults(metric: str, sources: dict[str, str] | None = None) -> dict:
+    """Every model source of the metric: the given ones, and SOURCES' defaults for the others."""
+    sources = sources or {}
+    return {field: sources.get(field, default) for field, (default, _) in SOURCES[metric].items()}
 
 
 @contextlib.contextmanager
@@ -119,6 +127,10 @@ def _features(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+class Unavailable(InputError):
+    """A model source that could not be downloaded (no network, or not where it was looked for)."""
+
+
 def fetch(source: str, hub_filename: str | None = None) -> str:
     """A local path for a file given as a path, a URL, or a hub repo id (with `hub_filename`)."""
     if os.path.isfile(source):
@@ -133,7 +145,7 @@ def fetch(source: str, hub_filename: str | None = None) -> str:
                 with atomic_path(path) as part:  # a download cut short never lies under the file's name
                     urllib.request.urlretrieve(source, part)
             except OSError as err:
-                raise InputError(f"could not download {source}: {first_line(err)}; give a local copy") from None
+                raise Unavailable(f"could not download {source}: {first_line(err)}") from None
         return path
     if os.path.isdir(source):
         if hub_filename and os.path.isfile(os.path.join(source, hub_filename)):
@@ -145,8 +157,7 @@ def fetch(source: str, hub_filename: str | None = None) -> str:
         try:
             return hf_hub_download(source, hub_filename)
         except Exception as err:  # hub errors come in many types; all mean "not available"
-            raise InputError(f"could not fetch {hub_filename} from {source}: {first_line(err)}; "
-                             f"give a local copy") from None
+            raise Unavailable(f"could not fetch {hub_filename} from {source}: {first_line(err)}") from None
     raise InputError(f"{source}: no such file")
 
 
@@ -163,24 +174,35 @@ def load_state_dict(path: str) -> dict:
 
 
 class Scorer:
+    """A metric's models, loaded once; `score(images, prompts)` runs them in batches.
+
+    Subclasses take their model sources as keyword-only arguments without defaults: the defaults
+    live in SOURCES, and build_scorer fills them in."""
+
     name = ""  # the metric, as --source names it
     version = 1  # of the score's definition: a change that moves scores must bump it (old score files go stale)
 
-    def __init__(self, device: str = "cpu", batch_size: int = 16, flag: str = "--source"):
+    def __init__(self, *, device: str = "cpu", batch_size: int = 16, flag: str = "--source"):
         self.device, self.batch_size, self.flag = torch.device(device), batch_size, flag
 
     @contextlib.contextmanager
     def loading(self, field: str, value):
-        """Turn any failure to load a model source into one line naming `--source metric.field=value`."""
+        """Turn any failure to load a model source into one line naming `--source metric.field=value`.
+        When the source is to be downloaded (a hub id, a URL, an open_clip tag), which fails
+        offline, the line also says how to give a local copy instead."""
         where = f"{self.flag} {self.name}.{field}={value}"
+        hint = f"; without network, pass a local path with {self.flag} {self.name}.{field}=PATH"
+        downloaded = SOURCES[self.name][field][1] in DOWNLOADED and not os.path.exists(str(value))
         try:
             yield
+        except Unavailable as err:
+            raise InputError(f"{where}: {err}{hint}") from None
         except InputError as err:
             raise InputError(f"{where}: {err}") from None
         except Exception as err:  # hub, file-system, pickle and format errors come in many types
             lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
             text = lines[0] + (f" {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else "")
-            raise InputError(f"{where}: cannot load it ({text[:400]})") from None
+            raise InputError(f"{where}: cannot load it ({text[:400]}){hint if downloaded else ''}") from None
 
     def score(self, images, prompts) -> list[float]:
         out = []
@@ -193,10 +215,22 @@ class Scorer:
         raise NotImplementedError
 
 
-class PickScore(Scorer):
-    name = "pickscore"  # the metric, as --source names it
+class EmbeddingCosine(Scorer):
+    """A score that is the cosine of an image embedding and a text embedding (PickScore, CLIP, HPSv2);
+    subclasses say how they embed."""
 
-    def __init__(self, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", **kw):
+    def embeddings(self, images, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def score_batch(self, images, prompts):
+        image, text = self.embeddings(images, prompts)
+        return (F.normalize(image, dim=-1) * F.normalize(text, dim=-1)).sum(-1).float().cpu()
+
+
+class PickScore(EmbeddingCosine):
+    name = "pickscore"
+
+    def __init__(self, *, model, processor, **kw):
         super().__init__(**kw)
         from transformers import AutoModel, AutoProcessor
 
@@ -212,18 +246,13 @@ class PickScore(Scorer):
         text = _features(self.model.get_text_features(**{k: v.to(self.device) for k, v in tokens.items()}))
         return image, text
 
-    def score_batch(self, images, prompts):
-        image, text = self.embeddings(images, prompts)
-        return (F.normalize(image, dim=-1) * F.normalize(text, dim=-1)).sum(-1).float().cpu()
 
-
-class OpenClipCosine(Scorer):
+class OpenClipCosine(EmbeddingCosine):
     """Image-text cosine of an open_clip model (the CLIP score, and HPSv2 with its checkpoint)."""
 
-    name = "clip"  # the metric, as --source names it
+    name = "clip"
 
-
-    def __init__(self, arch="ViT-H-14", pretrained="laion2B-s32B-b79K", checkpoint=None, config=None, **kw):
+    def __init__(self, *, arch, pretrained, checkpoint, config, **kw):
         super().__init__(**kw)
         import open_clip
 
@@ -255,25 +284,20 @@ class OpenClipCosine(Scorer):
         text = self.model.encode_text(self.tokenizer(prompts).to(self.device))
         return image, text
 
-    def score_batch(self, images, prompts):
-        image, text = self.embeddings(images, prompts)
-        return (F.normalize(image, dim=-1) * F.normalize(text, dim=-1)).sum(-1).float().cpu()
-
 
 class HPSv2(OpenClipCosine):
     """HPS v2.0. Preprocessing is open_clip's, as the reference's scorer (which calls open_clip
     itself); preprocess="package" reproduces the hpsv2 package instead, which converts to a
     tensor before the bicubic resize (scores differ in the third decimal)."""
 
-    name = "hpsv2"  # the metric, as --source names it
+    name = "hpsv2"
 
-    def __init__(self, arch="ViT-H-14", checkpoint="xswu/HPSv2", preprocess="open_clip", config=None, **kw):
-        if preprocess not in ("open_clip", "package"):
-            raise InputError(f"{kw.get('flag', '--source')} hpsv2.preprocess={preprocess}: must be open_clip or package")
+    def __init__(self, *, arch, checkpoint, preprocess, config, **kw):
         self.flag = kw.get("flag", "--source")  # for self.loading, before Scorer.__init__ sets it
         with self.loading("checkpoint", checkpoint):
             path = fetch(checkpoint, "HPS_v2_compressed.pt")
-        super().__init__(arch=arch, checkpoint=path, config=config, **kw)  # the HPS checkpoint is every weight
+        # The HPS checkpoint is every weight: no open_clip pretrained tag.
+        super().__init__(arch=arch, pretrained=None, checkpoint=path, config=config, **kw)
         if preprocess == "package":
             from torchvision import transforms as T
 
@@ -295,10 +319,9 @@ def load_aesthetic_mlp(source: str, input_size: int = 768) -> AestheticMLP:
 
 
 class Aesthetics(Scorer):
-    name = "aesthetics"  # the metric, as --source names it
-    DEFAULT_MLP = DEFAULT_AESTHETIC_MLP
+    name = "aesthetics"
 
-    def __init__(self, clip="openai/clip-vit-large-patch14", mlp=DEFAULT_MLP, **kw):
+    def __init__(self, *, clip, mlp, **kw):
         super().__init__(**kw)
         from transformers import CLIPImageProcessor, CLIPModel
 
@@ -317,11 +340,9 @@ class Aesthetics(Scorer):
 class ImageReward(Scorer):
     """ImageReward v1.0 (THUDM/ImageReward): see eval/imagereward.py for the model."""
 
-    name = "imagereward"  # the metric, as --source names it
+    name = "imagereward"
 
-
-    def __init__(self, checkpoint="THUDM/ImageReward", med_config="THUDM/ImageReward", tokenizer="bert-base-uncased",
-                 vision_heads="16", **kw):
+    def __init__(self, *, checkpoint, med_config, tokenizer, vision_heads, **kw):
         super().__init__(**kw)
         from eval import imagereward as ir
 
@@ -342,8 +363,8 @@ class ImageReward(Scorer):
         return self.model(pixels, tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)).cpu()
 
 
-SCORERS = {"pickscore": PickScore, "hpsv2": HPSv2, "aesthetics": Aesthetics, "clip": OpenClipCosine,
-           "imagereward": ImageReward}
+SCORERS = {cls.name: cls for cls in (PickScore, HPSv2, Aesthetics, OpenClipCosine, ImageReward)}
+assert set(SCORERS) == set(METRICS) == set(SOURCES)
 
 
 def build_scorer(metric: str, device: str = "cpu", batch_size: int = 16, flag: str = "--source", **sources) -> Scorer:
@@ -353,7 +374,7 @@ def build_scorer(metric: str, device: str = "cpu", batch_size: int = 16, flag: s
         raise InputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     for field, value in sources.items():
         check_source(metric, field, value, flag)
-    return SCORERS[metric](device=device, batch_size=batch_size, flag=flag, **sources)
+    return SCORERS[metric](device=device, batch_size=batch_size, flag=flag, **with_defaults(metric, sources))
 
 
 def parse_sources(pairs: list[str], flag: str = "--source") -> dict[str, dict[str, str]]:

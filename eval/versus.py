@@ -9,8 +9,9 @@ For each metric:
 - beyond the reference, a 95% bootstrap interval of that win rate (pairs resampled, fixed seed)
   and a two-sided sign test p-value (ties left out).
 
-Score files are reused only when they record the same scorer and images (see eval.score);
---recompute scores everything again.
+Score files are reused as eval.score reuses them (those without a record of the scorer and images,
+such as the reference's X_image_reward_score.json, with a warning); --recompute scores everything
+again. The reference's pair_<metric>.json files are outputs of its comparison and are not read.
 
 Outputs in --outdir (each written atomically):
 - pair_<metric>.json, and summary.json with the macro mean (unweighted over metrics) and the
@@ -21,6 +22,9 @@ Outputs in --outdir (each written atomically):
 """
 
 from __future__ import annotations
+
+if not __package__:  # run as a file (python eval/X.py): make the repository importable first
+    import _as_file  # noqa: F401  (eval/_as_file.py)
 
 import argparse
 import html

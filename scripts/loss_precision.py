@@ -29,6 +29,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from sdpo.errors import ArgumentParser, InputError, reports_input_errors  # noqa: E402
+from sdpo.files import check_output_dir  # noqa: E402
+from sdpo.flags import no_empty_values  # noqa: E402
+
 LAUNCHERS = {  # launcher: (architecture, objective, beta), as in scripts/train/
     "sd15_diffusion_dpo": ("sd15", "diffusion-dpo", 5000.0),
     "sd15_dspo": ("sd15", "dspo", 0.001),
@@ -79,11 +83,22 @@ def one_step(paths, arch, method, beta, precision, out, pairs):
     return captured
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    parser = ArgumentParser(prog="scripts/loss_precision.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="/tmp/loss-precision", help="where the tiny models and runs go")
     parser.add_argument("--pairs", type=int, default=128, help="pairs per measurement (a multiple of 8)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    no_empty_values(args)
+    if args.pairs < 8 or args.pairs % 8:  # one_step's micro-batches hold 8 pairs
+        raise InputError(f"--pairs must be a positive multiple of 8, got {args.pairs}")
+    check_output_dir(args.out, "--out")
+    return args
+
+
+@reports_input_errors
+def main(argv=None):
+    args = parse_args(argv)
 
     from sdpo.tiny import build_all
 

@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sdpo.errors import ArgumentParser, InputError, reports_input_errors  # noqa: E402
+from sdpo.flags import no_empty_values, output_file  # noqa: E402
 
 PANELS = [  # (training key, validation key, title)
     ("loss", "val_loss", "loss"),
@@ -90,16 +91,32 @@ def plot(rows: list[dict], out: str, title: str) -> None:
     plt.close(fig)
 
 
+def parse_args(argv=None):
+    parser = ArgumentParser(prog="scripts/plot_run.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output_dir", help="a train.py output folder (holding metrics.jsonl)")
+    parser.add_argument("--out", default=None,
+                        help="the image to write: .png, .pdf, .svg, ... (default OUTPUT_DIR/curves.png)")
+    args = parser.parse_args(argv)
+    no_empty_values(args, positional=("output_dir",))
+    if not os.path.isdir(args.output_dir):
+        raise InputError(f"output_dir {args.output_dir}: {'a file' if os.path.exists(args.output_dir) else 'no such folder'}"
+                         f", not a train.py output folder")
+    if args.out is None:
+        args.out = os.path.join(args.output_dir, "curves.png")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    output_file(args.out, "--out", tuple(f".{ext}" for ext in FigureCanvasBase.get_supported_filetypes()))
+    return args
+
+
 @reports_input_errors
 def main(argv=None):
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("output_dir", help="a train.py output folder (holding metrics.jsonl)")
-    parser.add_argument("--out", default=None, help="PNG to write (default OUTPUT_DIR/curves.png)")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     rows = read_metrics(os.path.join(args.output_dir, "metrics.jsonl"))
-    out = args.out or os.path.join(args.output_dir, "curves.png")
-    plot(rows, out, os.path.basename(os.path.abspath(args.output_dir)))
-    print(f"curves: {out}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    plot(rows, args.out, os.path.basename(os.path.abspath(args.output_dir)))
+    print(f"curves: {args.out}")
 
 
 if __name__ == "__main__":

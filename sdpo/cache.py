@@ -24,6 +24,12 @@ resolution, crop, VAE, dtype or tokenizers differ from those it was built with.
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python sdpo/cache.py): the repository root in this folder's place
+    import os as _os
+    import sys as _sys
+
+    _sys.path[0] = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+
 import argparse
 import glob
 import hashlib
@@ -36,9 +42,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sdpo import models
 from sdpo.conditioning import PromptEncoder
-from sdpo.data import dataset_identity
-from sdpo.errors import ArgumentParser, InputError, reports_input_errors
+from sdpo.data import (RowPairs, UnreadableImage, center_crop, dataset_identity, mirrored_left,
+                       resized_size)
+from sdpo.errors import ArgumentParser, InputError, first_line, reports_input_errors
 from sdpo.files import (atomic_path, check_output_dir, file_identity, first_difference, remove_stale_temps,
                         write_json_atomic)
 
@@ -46,7 +54,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "sdpo-latent-cache/1"
 MANIFEST, PROGRESS = "manifest.json", "progress.json"
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def vae_identity(args) -> dict:
@@ -74,13 +81,13 @@ def cache_settings(args, vae_dtype: torch.dtype, tokenizers) -> dict:
 def encode_rows(data, rows, args, vae, tokenizers, encode_batch_size: int):
     """The tensors of one shard: for each row, both images (jpg_0, jpg_1) at the center crop,
     unflipped and flipped, through the VAE."""
-    from sdpo.data import UnreadableImage, decode_image, resize_and_crop, to_tensor
+    from sdpo.data import IMAGE_COLUMNS, UnreadableImage, caption_text, decode_image, resize_and_crop, to_tensor
 
     images, readable, sizes, captions = [], [], [], []
     for row in rows:
         item = data[row]
         try:
-            pair = [decode_image(item[c]) for c in ("jpg_0", "jpg_1")]
+            pair = [decode_image(item[c]) for c in IMAGE_COLUMNS]
         except UnreadableImage as err:
             logger.warning("row %d: %s; the pair is stored as unreadable and skipped in training", row, err)
             pair = None
@@ -92,8 +99,7 @@ def encode_rows(data, rows, args, vae, tokenizers, encode_batch_size: int):
             else:
                 tensor = torch.zeros(3, args.resolution, args.resolution)
             images += [tensor, tensor.flip(-1)]  # an image and its mirror, always in the same VAE call
-        caption = item[args.caption_column]
-        captions.append("" if caption is None else caption if isinstance(caption, str) else str(caption))
+        captions.append(caption_text(item[args.caption_column], args.caption_column))
     pixels = torch.stack(images)
     means, stds = [], []
     with torch.no_grad():
@@ -117,22 +123,14 @@ def build(args) -> str:
     """Build (or finish) the cache in args.output_dir; returns the manifest's path."""
     from tqdm.auto import tqdm
 
-    from sdpo import models
     from sdpo.data import decided_rows, load_pairs
 
-    if args.random_crop:
-        raise InputError("--random_crop: a latent cache holds one crop per image (the center crop); train from the "
-                         "images for random crops")
-    if args.encode_batch_size < 2 or args.encode_batch_size % 2:
-        raise InputError(f"--encode_batch_size must be an even number >= 2 (an image and its mirror go together), "
-                         f"got {args.encode_batch_size}")
     check_output_dir(args.output_dir, "--output_dir")
     models.check_source(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
     hub = dict(revision=args.revision, cache_dir=args.cache_dir)
     tokenizers = models.load_tokenizers(args.pretrained_model_name_or_path, args.sdxl, **hub)
-    vae_dtype = DTYPES[args.mixed_precision]
-    if args.sdxl and vae_dtype == torch.float16 and not args.pretrained_vae_model_name_or_path:
-        vae_dtype = torch.float32  # as training: SDXL's own VAE overflows in fp16
+    vae_dtype = models.vae_dtype(args.sdxl, models.DTYPES[args.mixed_precision],
+                                 bool(args.pretrained_vae_model_name_or_path))  # as in training
     settings = cache_settings(args, vae_dtype, tokenizers)
     # How the rows are cut into shards and batched through the VAE: a resumed build must do the same.
     layout = {"shard_pairs": args.shard_pairs, "encode_batch_size": args.encode_batch_size}
@@ -266,26 +264,21 @@ class LatentCache:
         return {**self.__dict__, "_open": {}}
 
 
-class CachedPairs(torch.utils.data.Dataset):
+class CachedPairs(RowPairs):
     """Pairs from a latent cache, keyed (epoch, i) like sdpo.data.PairDataset, with the same random
     choices: per image a flip (when hflip), then whether the caption is dropped, from a generator
     seeded by (seed, epoch, row); an unreadable pair is skipped and the next readable one used."""
 
     def __init__(self, cache: LatentCache, rows: list[int], seed: int, resolution: int, hflip: bool,
                  proportion_empty_prompts: float, empty_ids: list[torch.Tensor], winners_only: bool = False):
-        from sdpo.data import UnreadableCounter
-
-        self.cache, self.rows, self.seed = cache, rows, seed
+        super().__init__(rows, seed)
+        self.cache = cache
         self.resolution, self.hflip, self.proportion_empty_prompts = resolution, hflip, proportion_empty_prompts
         self.empty_ids, self.winners_only = empty_ids, winners_only
-        self.unreadable = UnreadableCounter()
-
-    def __len__(self):
-        return len(self.rows)
 
     def item(self, row: int, rng: random.Random) -> dict:
-        from sdpo.data import center_crop, mirrored_left, resized_size
-
+        if not self.cache.readable[row]:
+            raise UnreadableImage("an image of the pair could not be read when the cache was built")
         cached = self.cache.read(row)
         order = (0, 1) if self.cache.labels[row] == 1 else (1, 0)  # winner first
         order = order[:1] if self.winners_only else order
@@ -303,17 +296,6 @@ class CachedPairs(torch.utils.data.Dataset):
         return {"latent_mean": torch.stack(means), "latent_std": torch.stack(stds),
                 "time_ids": torch.tensor(time_ids, dtype=torch.float32),
                 "caption_ids": self.empty_ids if drop else cached["ids"]}
-
-    def __getitem__(self, key):
-        from sdpo.data import NoUsablePairs
-
-        epoch, index = key
-        for attempt in range(len(self.rows)):
-            row = self.rows[(index + attempt) % len(self.rows)]
-            if self.cache.readable[row]:
-                return self.item(row, random.Random(f"{self.seed}:{epoch}:{row}"))
-            self.unreadable.warn(row, "an image of the pair could not be read when the cache was built")
-        raise NoUsablePairs(f"none of the {len(self.rows)} cached pairs has two readable images")
 
 
 # ---- the command ----------------------------------------------------------------------------------
@@ -337,18 +319,50 @@ def parse_args(argv=None):
     a("--resolution", type=int, default=None, help="default 512, SDXL 1024")
     a("--random_crop", action="store_true", help="refused: a cache holds center crops")
     a("--no_hflip", action="store_true", help="accepted and ignored: both flips are always stored")
-    a("--mixed_precision", default="bf16", choices=list(DTYPES), help="the VAE's dtype, as in training")
+    a("--mixed_precision", default="bf16", choices=["no", "fp16", "bf16"], help="the VAE's dtype, as in training")
     a("--output_dir", required=True, help="the cache folder")
     a("--shard_pairs", type=int, default=1024, help="pairs per shard file")
     a("--encode_batch_size", type=int, default=32, help="images per VAE call (even: an image and its mirror)")
     a("--device", default=None, help="default: cuda if available")
     args = p.parse_args(argv)
-    args.resolution = args.resolution or (1024 if args.sdxl else 512)
+    if args.resolution is None:
+        args.resolution = models.default_resolution(args.sdxl)
+    check_args(args)
+    return args
+
+
+def check_args(args) -> None:
+    """Refuse a value the build cannot use, in one line that names the flag, before any model or data loads."""
+    from sdpo.flags import device, no_empty_values
+
+    no_empty_values(args)
+    if args.random_crop:
+        raise InputError("--random_crop: a latent cache holds one crop per image (the center crop); train from the "
+                         "images for random crops")
     if args.resolution % 8 or args.resolution < 8:
         raise InputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.shard_pairs < 1:
         raise InputError(f"--shard_pairs must be >= 1, got {args.shard_pairs}")
-    return args
+    if args.encode_batch_size < 2 or args.encode_batch_size % 2:
+        raise InputError(f"--encode_batch_size must be an even number >= 2 (an image and its mirror go together), "
+                         f"got {args.encode_batch_size}")
+    if args.device is not None:
+        device(args.device)
+    check_output_dir(args.output_dir, "--output_dir", create=False)
+    if args.cache_dir is not None:
+        check_output_dir(args.cache_dir, "--cache_dir", create=False)
+    models.check_base(args.pretrained_model_name_or_path, args.sdxl)
+    vae = args.pretrained_vae_model_name_or_path
+    source, subfolder, flag = ((vae, None, "--pretrained_vae_model_name_or_path") if vae else
+                               (args.pretrained_model_name_or_path, "vae", "--pretrained_model_name_or_path"))
+    models.check_source(source, flag)
+    # The VAE's config now: without it the build would stop only after loading (or downloading) the dataset.
+    from diffusers import AutoencoderKL
+
+    try:
+        AutoencoderKL.load_config(source, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir)
+    except Exception as err:  # hub, file-system and format errors come in many types
+        raise InputError(f"{flag}: cannot read the VAE config of {source}: {first_line(err)}") from None
 
 
 @reports_input_errors

@@ -1,4 +1,5 @@
-"""Training checkpoints that are complete or absent, never half-written.
+"""Training checkpoints that are complete or absent, never half-written, and the record of the
+run that wrote them (train_config.json, the settings a resume must match, the model card).
 
 `output_dir/checkpoint-N/` holds everything a run needs to continue exactly:
 - `unet/`: the policy UNet (diffusers folder, safetensors);
@@ -18,19 +19,24 @@ killed runs left behind.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import sys
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from sdpo.errors import InputError
-from sdpo.models import check_same_shapes
+from sdpo.files import write_text_atomic
+from sdpo.models import DTYPES, check_same_shapes, policy_source, reference_source
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 LEFTOVER_RE = re.compile(r"^(checkpoint-\d+|unet)\.(tmp|deleting)$")
 STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "train_config.json"
+logger = logging.getLogger(__name__)
 REQUIRED_FILES = (STATE_FILE, "optimizer.pt", "lr_scheduler.pt", "rng-0.safetensors", os.path.join("unet", "config.json"))
 
 
@@ -188,3 +194,122 @@ def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler) -> None:
     if not os.path.isfile(rng_file):
         raise InputError(f"{path} was written by fewer processes than this run has ({rng_file} is missing)")
     set_rng_state(load_file(rng_file))
+
+
+# ---- the run record -------------------------------------------------------------------------------
+
+# Libraries whose version can change a run's numbers (kernels, image decoding, resizing, data
+# order, text encoding), recorded in train_config.json.
+RESULT_LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "datasets", "numpy", "pillow", "safetensors",
+                    "open_clip_torch", "timm", "pyarrow")
+
+
+def library_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in RESULT_LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def run_config(args, num_processes: int, mixed_precision: str, timesteps: tuple[int, int],
+               resume_path: str | None, total_steps: int | None) -> dict:
+    """Every setting, plus what the run derives from them (train_config.json)."""
+    world, accum = num_processes, args.gradient_accumulation_steps
+    settings = {k: v for k, v in sorted(vars(args).items())
+                if k not in ("local_rank", "image_column", "dry_run", "check_only")}
+    derived = {
+        "num_processes": world,
+        "pairs_per_step": args.train_batch_size * accum * world,
+        "total_steps": total_steps,
+        "effective_lr": args.learning_rate * (args.train_batch_size * accum * world if args.scale_lr else 1),
+        "optimizer": "Adafactor" if args.use_adafactor else "AdamW",
+        "gradient_clipping": f"clip at {float(args.max_grad_norm)}" if args.max_grad_norm > 0 else "off",
+        "mixed_precision_used": mixed_precision,
+        "weight_dtype": str(DTYPES[mixed_precision]).removeprefix("torch."),
+        "loss_precision": args.loss_precision,
+        "process_seeds": [args.seed + i for i in range(world)],  # seed + process index, as the reference
+        "seed_of_process_0": args.seed,
+        "timestep_range": list(timesteps),
+        "policy_unet": policy_source(args),
+        "reference_unet": reference_source(args),
+        "resumed_from": resume_path,
+        "command": [os.path.basename(sys.argv[0]), *sys.argv[1:]],
+        "versions": library_versions(),
+    }
+    return {**settings, "derived": derived}
+
+
+# Settings that a run may change when it resumes: where things go, how often it saves, logs or
+# validates, how long it runs, and speed knobs with the same arithmetic. Every other setting
+# changes the result, and a checkpoint written with another value of it is refused.
+RESUMABLE_CHANGES = {
+    "output_dir", "logging_dir", "report_to", "tracker_project_name", "checkpointing_steps",
+    "checkpoints_total_limit", "resume_from_checkpoint", "cache_dir", "dataloader_num_workers",
+    "max_train_steps", "num_train_epochs", "gradient_checkpointing", "max_skipped_steps", "validation_steps",
+    "validation_timesteps", "validation_prompts", "num_validation_images", "validation_sampling_steps", "derived",
+}
+PATH_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset_name", "unet_init",
+                 "ref_unet", "latent_cache")
+
+
+def result_settings(config: dict) -> dict:
+    """The settings that change a run's result (see RESUMABLE_CHANGES), JSON-normalised."""
+    kept = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+    for key in PATH_SETTINGS:  # the same folder however it is spelled
+        if kept.get(key) and os.path.exists(kept[key]):
+            kept[key] = os.path.realpath(kept[key])
+    kept["num_processes"] = config["derived"]["num_processes"]
+    return json.loads(json.dumps(kept))
+
+
+def check_same_settings(resume_path: str, recorded: dict | None, now: dict) -> None:
+    """Refuse to resume a checkpoint whose run had other result-changing settings."""
+    if recorded is None:  # written before checkpoints recorded their settings
+        logger.warning("%s records no settings: cannot check that it matches this run", resume_path)
+        return
+    differ = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
+    if differ:
+        shown = "; ".join(f"--{k} {recorded.get(k)!r} there, {now.get(k)!r} now" for k in differ[:4])
+        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+        raise InputError(f"--resume_from_checkpoint: {resume_path} was written with other settings: {shown}{more}. "
+                         f"Resume with the same settings, or start afresh with another --output_dir")
+
+
+def write_model_card(config: dict, step: int, num_pairs, path: str) -> None:
+    """README.md beside the trained UNet: what was trained, on what, with which settings."""
+    c, d = config, config["derived"]
+    safeguard = (f"on (mu = {c['winner_preserving_mu']}, "
+                 f"{'per pair' if c['winner_preserving_per_sample'] else 'per micro-batch'})"
+                 if c["use_winner_preserving"] else "off")
+    lines = [
+        "---", "library_name: diffusers", f"base_model: {c['pretrained_model_name_or_path']}",
+        "tags: [text-to-image, diffusion, preference-optimization]", "---", "",
+        f"# {c['train_method']} fine-tune of {c['pretrained_model_name_or_path']}", "",
+        "Trained with this project's `train.py`. Load with "
+        "`UNet2DConditionModel.from_pretrained(path, subfolder=\"unet\")`. Every setting is in "
+        f"`{CONFIG_FILE}`.", "",
+        "| setting | value |", "|---|---|",
+        f"| base model | {c['pretrained_model_name_or_path']} |",
+        f"| architecture | {'SDXL' if c['sdxl'] else 'SD1.x'} |",
+        f"| initial UNet / reference UNet | {d['policy_unet']} / {d['reference_unet']} |",
+        f"| method | {c['train_method']} |",
+        f"| beta | {c['beta_dpo']} |",
+        f"| DMPO alpha | {c['dmpo_alpha']} |",
+        f"| winner-preserving safeguard | {safeguard} |",
+        f"| timestep weighting | {c['timestep_weighting']} |",
+        f"| data | {c['dataset_name']} (split {c['split']}, {num_pairs if num_pairs is not None else 'streamed'} pairs) |",
+        f"| resolution | {c['resolution']} |",
+        f"| optimizer steps | {step} |",
+        f"| pairs per step | {c['train_batch_size']} x {c['gradient_accumulation_steps']} accumulation x "
+        f"{d['num_processes']} processes |",
+        f"| learning rate | {d['effective_lr']:g} ({c['lr_scheduler']}, {c['lr_warmup_steps']} warmup steps) |",
+        f"| optimizer | {d['optimizer']}, gradient clipping: {d['gradient_clipping']} |",
+        f"| mixed precision | {d['mixed_precision_used']}, loss precision: {d['loss_precision']} |",
+        f"| seed | {c['seed']} (+ process index) |",
+    ]
+    write_text_atomic("\n".join(lines) + "\n", path)

@@ -42,6 +42,22 @@ def _parquet_files(folder: str, split: str, flag: str = "--split") -> list[str]:
     raise InputError(f"{flag} {split}: no parquet files for it in {folder} (looked for data/{split}-*.parquet)")
 
 
+def local_files(name: str, split: str, data_dir: str | None = None, config_name: str | None = None,
+                flag: str = "--split") -> list[str] | None:
+    """The parquet files of a split of a local copy (a folder in the hub's layout, where
+    `data_dir` is a subfolder of it, or one parquet file); None for a hub id."""
+    if not os.path.exists(name):
+        return None
+    if config_name:
+        raise InputError(f"--dataset_config_name {config_name!r}: {name} is a local copy, which has no "
+                         f"configurations (the flag selects a configuration of a hub dataset)")
+    if os.path.isdir(name):
+        return _parquet_files(os.path.join(name, data_dir) if data_dir else name, split, flag)
+    if data_dir:
+        raise InputError(f"--train_data_dir {data_dir!r}: {name} is a single file, not a folder")
+    return [name]
+
+
 def load_split(name: str, split: str, streaming: bool = False, revision: str | None = None,
                config_name: str | None = None, data_dir: str | None = None, cache_dir: str | None = None,
                flag: str = "--split"):
@@ -53,18 +69,7 @@ def load_split(name: str, split: str, streaming: bool = False, revision: str | N
     """
     from datasets import load_dataset
 
-    local = os.path.exists(name)
-    if local and config_name:
-        raise InputError(f"--dataset_config_name {config_name!r}: {name} is a local copy, which has no "
-                         f"configurations (the flag selects a configuration of a hub dataset)")
-    if os.path.isdir(name):
-        files = _parquet_files(os.path.join(name, data_dir) if data_dir else name, split, flag)
-    elif os.path.isfile(name):
-        if data_dir:
-            raise InputError(f"--train_data_dir {data_dir!r}: {name} is a single file, not a folder")
-        files = [name]
-    else:
-        files = None
+    files = local_files(name, split, data_dir, config_name, flag)
     if files is not None:
         _check_parquet(files, name, split)
     try:
@@ -79,21 +84,64 @@ def load_split(name: str, split: str, streaming: bool = False, revision: str | N
 
 
 def _check_parquet(files: list[str], name: str, split: str) -> None:
-    """Local parquet files must be readable and hold at least one row (read from their footers)."""
+    """Local parquet files must be readable, agree in their columns and types (else `datasets`
+    ends in a traceback, "Couldn't cast ..."), and hold at least one row; all of it is read from
+    the files' footers."""
     import pyarrow.parquet as pq
 
-    rows = 0
+    rows, first = 0, None
     for path in files:
         try:
-            rows += pq.read_metadata(path).num_rows
+            metadata = pq.read_metadata(path)
         except Exception as err:
             raise InputError(f"dataset {name!r}: {path} is not a readable parquet file ({first_line(err)})") from None
+        rows += metadata.num_rows
+        schema = metadata.schema.to_arrow_schema()
+        if first is None:
+            first = (path, schema)
+            continue
+        difference = _schema_difference(first[1], schema)
+        if difference:
+            raise InputError(f"dataset {name!r} (split {split!r}): {os.path.basename(path)} does not match "
+                             f"{os.path.basename(first[0])}: {difference}; every file of a split needs the same "
+                             f"columns and types")
     if rows == 0:
         raise InputError(f"dataset {name!r} (split {split!r}) is empty: {len(files)} parquet file(s), no rows")
 
 
-def check_columns(column_names, name: str, caption_column: str = "caption") -> None:
-    """Stop at once, naming the column, if the dataset lacks one we read."""
+def _schema_difference(a, b) -> str | None:
+    """How arrow schema `b` differs from `a` (column names and types), in words; None if alike."""
+    types_a = {field.name: str(field.type) for field in a}
+    types_b = {field.name: str(field.type) for field in b}
+    for column in types_a:
+        if column not in types_b:
+            return f"it has no column {column!r}"
+    for column, type_b in types_b.items():
+        if column not in types_a:
+            return f"it has a column {column!r} that the other lacks"
+        if type_b != types_a[column]:
+            return f"column {column!r} is {type_b} there, {types_a[column]} here"
+    return None
+
+
+TEXT_TYPES = ("string", "large_string", "null")  # null: a column of missing captions, each read as ""
+
+
+def column_types(data) -> dict[str, str] | None:
+    """{column: type name} of a `datasets` split or an arrow schema (e.g. 'string', 'binary',
+    'int64', 'Image'); None when a stream does not know its features."""
+    if hasattr(data, "names") and hasattr(data, "types"):  # an arrow schema
+        return {field.name: str(field.type) for field in data}
+    features = getattr(data, "features", None)
+    if features is None:
+        return None
+    return {column: feature.dtype if type(feature).__name__ == "Value" else type(feature).__name__
+            for column, feature in features.items()}
+
+
+def check_columns(column_names, name: str, caption_column: str = "caption", types: dict | None = None) -> None:
+    """Stop at once, naming the column, if the dataset lacks one we read, or if its caption column
+    does not hold text (bytes or numbers would be trained on as whatever str() makes of them)."""
     required = (*IMAGE_COLUMNS, LABEL_COLUMN, caption_column)
     for column in required:
         if column not in column_names:
@@ -101,6 +149,20 @@ def check_columns(column_names, name: str, caption_column: str = "caption") -> N
                 f"dataset {name!r} has no column {column!r} (it has: {', '.join(column_names)}); "
                 f"preference data needs {', '.join(required)}"
             )
+    found = (types or {}).get(caption_column)
+    if found is not None and found not in TEXT_TYPES:
+        raise InputError(f"dataset {name!r}: the caption column {caption_column!r} holds {found}, not text; "
+                         f"convert it to strings, or name the text column with --caption_column")
+
+
+def caption_text(value, column: str = "caption") -> str:
+    """A row's caption as the text encoder sees it: a missing caption (None) is the empty one."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):  # a stream whose schema was not known up front
+        raise InputError(f"the caption column {column!r} holds a {type(value).__name__}, not text; convert it to "
+                         f"strings, or name the text column with --caption_column")
+    return value
 
 
 def decided_rows(labels) -> tuple[list[int], int]:
@@ -215,8 +277,7 @@ class PairTransform:
         columns = (first,) if self.winners_only else (first, second)
         images = [decode_image(row[c]) for c in columns]
         done = [transform_image(im, self.resolution, rng, self.random_crop, self.hflip) for im in images]
-        caption = row[self.caption_column]
-        caption = "" if caption is None else caption if isinstance(caption, str) else str(caption)
+        caption = caption_text(row[self.caption_column], self.caption_column)
         # SDXL micro-conditioning of each image: (original_h, original_w, crop_top, crop_left, res, res).
         time_ids = torch.tensor([[*original, *crop, self.resolution, self.resolution] for _, original, crop in done],
                                 dtype=torch.float32)
@@ -254,34 +315,46 @@ class UnreadableCounter:
 # ---- map-style dataset and its deterministic batches ----------------------------------------
 
 
-class PairDataset(torch.utils.data.Dataset):
-    """Map-style pairs over the decided rows of a `datasets` split; items are keyed (epoch, i).
+class RowPairs(torch.utils.data.Dataset):
+    """Map-style pairs over chosen rows, keyed (epoch, i); subclasses make a row's item.
 
-    An unreadable pair is skipped with a warning and the next readable row takes its place, so
-    batches keep their size and the substitution is the same in every run.
+    Each item's random choices come from a generator seeded by (seed, epoch, row). An unreadable
+    pair (`item` raises UnreadableImage) is skipped with a warning and the next readable row takes
+    its place, so batches keep their size and the substitution is the same in every run.
     """
 
-    def __init__(self, hf_dataset, rows: list[int], transform: PairTransform, seed: int):
-        self.data = hf_dataset
-        self.rows = rows
-        self.transform = transform
-        self.seed = seed
+    def __init__(self, rows: list[int], seed: int):
+        self.rows, self.seed = rows, seed
         self.unreadable = UnreadableCounter()
-        self.jpg_1_wins: dict[int, bool] = {}  # AI feedback: a reward model's choice per row, over label_0
 
     def __len__(self):
         return len(self.rows)
+
+    def item(self, row: int, rng: random.Random) -> dict:
+        raise NotImplementedError
 
     def __getitem__(self, key):
         epoch, index = key
         for attempt in range(len(self.rows)):
             row = self.rows[(index + attempt) % len(self.rows)]
-            rng = random.Random(f"{self.seed}:{epoch}:{row}")
             try:
-                return self.transform(self.data[row], rng, self.jpg_1_wins.get(row))
+                return self.item(row, random.Random(f"{self.seed}:{epoch}:{row}"))
             except UnreadableImage as err:
                 self.unreadable.warn(row, err)
         raise NoUsablePairs(f"none of the {len(self.rows)} pairs of the dataset has two readable images")
+
+
+class PairDataset(RowPairs):
+    """Pairs over the decided rows of a `datasets` split, through a PairTransform."""
+
+    def __init__(self, hf_dataset, rows: list[int], transform: PairTransform, seed: int):
+        super().__init__(rows, seed)
+        self.data = hf_dataset
+        self.transform = transform
+        self.jpg_1_wins: dict[int, bool] = {}  # AI feedback: a reward model's choice per row, over label_0
+
+    def item(self, row: int, rng: random.Random) -> dict:
+        return self.transform(self.data[row], rng, self.jpg_1_wins.get(row))
 
 
 class PairBatchSampler(torch.utils.data.Sampler):
@@ -427,18 +500,50 @@ def hold_out(rows: list[int], count: int) -> tuple[list[int], list[int]]:
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
+def usable_rows(labels, name: str, split: str) -> list[int]:
+    """The rows with a decided label (ties dropped and counted in the log); none is an error."""
+    rows, ties = decided_rows(labels)
+    if not rows:
+        raise InputError(f"dataset {name!r} has no usable pair: its {ties} rows are all ties")
+    logger.info("%s[%s]: %d rows, dropped %d ties, %d pairs left", name, split, len(rows) + ties, ties, len(rows))
+    return rows
+
+
+def split_rows(rows: list[int], args) -> tuple[list[int], list[int] | None]:
+    """(training rows, held-out rows or None): --validation_pairs held out of the training split
+    (unless they come from --validation_split), then --max_train_samples of the rest."""
+    held = None
+    if args.validation_pairs and not args.validation_split:
+        rows, held = hold_out(rows, args.validation_pairs)
+    if args.max_train_samples is not None and args.max_train_samples < len(rows):
+        rows = first_samples(rows, args.max_train_samples, args.seed)
+    return rows, held
+
+
+def validation_split_rows(labels, args) -> list[int]:
+    """The first --validation_pairs decided rows of --validation_split."""
+    rows, _ = decided_rows(labels)
+    if len(rows) < args.validation_pairs:
+        raise InputError(f"--validation_pairs {args.validation_pairs}: --validation_split {args.validation_split} "
+                         f"has only {len(rows)} usable pairs")
+    return rows[: args.validation_pairs]
+
+
 def load_pairs(args, split: str, streaming: bool = False, flag: str = "--split"):
     """A split with its columns checked (the stream's from its first row)."""
     data = load_split(args.dataset_name, split, streaming=streaming, revision=args.dataset_revision,
                       config_name=args.dataset_config_name, data_dir=args.train_data_dir, cache_dir=args.cache_dir,
                       flag=flag)
-    column_names = data.column_names
-    if column_names is None:  # a stream whose features are unknown: look at its first row
+    column_names, types = data.column_names, column_types(data)
+    if column_names is None or types is None:  # a stream whose features are unknown: look at its first row
         first = next(iter(data), None)
         if first is None:
             raise InputError(f"dataset {args.dataset_name!r} (split {split!r}) is empty")
         column_names = list(first.keys())
-    check_columns(column_names, args.dataset_name, args.caption_column)
+        caption = first.get(args.caption_column)
+        types = {args.caption_column: "string" if caption is None or isinstance(caption, str)
+                 else type(caption).__name__}
+    check_columns(column_names, args.dataset_name, args.caption_column, types)
     if not streaming and len(data) == 0:
         raise InputError(f"dataset {args.dataset_name!r} (split {split!r}) is empty")
     return data
@@ -449,11 +554,7 @@ def dataset_identity(args, split: str | None = None) -> dict:
     name and flags, and local parquet files by name, size and mtime (for the latent cache and the
     AI-feedback choices, which are reused only for the same data)."""
     name, split = args.dataset_name, split or args.split
-    files = None
-    if os.path.isdir(name):
-        files = _parquet_files(os.path.join(name, args.train_data_dir) if args.train_data_dir else name, split)
-    elif os.path.isfile(name):
-        files = [name]
+    files = local_files(name, split, args.train_data_dir)
     return {"dataset_name": os.path.abspath(name) if os.path.exists(name) else name, "split": split,
             "dataset_config_name": args.dataset_config_name, "train_data_dir": args.train_data_dir,
             "dataset_revision": getattr(args, "dataset_revision", None), "caption_column": args.caption_column,
@@ -464,6 +565,40 @@ def validation_transform(args) -> PairTransform:
     """Held-out pairs are seen the same way every time: center crop, no flip, their captions."""
     return PairTransform(args.resolution, random_crop=False, hflip=False, proportion_empty_prompts=0.0,
                          winners_only=args.train_method == "sft", caption_column=args.caption_column)
+
+
+def check_data(args, world_size: int, cache=None) -> None:
+    """What build_dataloader finds wrong, found without building it and without writing anything
+    (no `datasets` Arrow cache, which for the full Pick-a-Pic is a conversion of the whole set):
+    a local copy's columns, types and labels are read from its parquet files alone (the footers and
+    the label column); a hub dataset is looked at through the first row of a stream."""
+    import pyarrow.parquet as pq
+
+    def labels_of(split: str, flag: str):
+        files = local_files(args.dataset_name, split, args.train_data_dir, args.dataset_config_name, flag)
+        if files is None:
+            return None
+        _check_parquet(files, args.dataset_name, split)
+        schema = pq.read_schema(files[0])
+        check_columns(schema.names, args.dataset_name, args.caption_column, column_types(schema))
+        return [label for f in files for label in pq.read_table(f, columns=[LABEL_COLUMN])[LABEL_COLUMN].to_pylist()]
+
+    if cache is not None:
+        rows = cache.rows()
+    else:
+        labels = labels_of(args.split, "--split")
+        if labels is None or args.streaming:
+            load_pairs(args, args.split, streaming=True)  # the columns, from the first row
+            return
+        rows = usable_rows(labels, args.dataset_name, args.split)
+        if args.validation_pairs and args.validation_split:
+            held = labels_of(args.validation_split, "--validation_split")
+            if held is None:
+                load_pairs(args, args.validation_split, streaming=True, flag="--validation_split")
+            else:
+                validation_split_rows(held, args)
+    rows, _ = split_rows(rows, args)
+    PairBatchSampler(len(rows), args.train_batch_size, args.seed, 0, world_size)  # at least one batch
 
 
 def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int, cache=None):
@@ -489,11 +624,8 @@ def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int
     validation = None
     if args.validation_pairs and args.validation_split:
         held_data = load_pairs(args, args.validation_split, flag="--validation_split")
-        held_rows, _ = decided_rows(held_data["label_0"])
-        if len(held_rows) < args.validation_pairs:
-            raise InputError(f"--validation_pairs {args.validation_pairs}: --validation_split {args.validation_split} "
-                             f"has only {len(held_rows)} usable pairs")
-        validation = PairDataset(held_data, held_rows[: args.validation_pairs], validation_transform(args), args.seed)
+        held_rows = validation_split_rows(held_data[LABEL_COLUMN], args)
+        validation = PairDataset(held_data, held_rows, validation_transform(args), args.seed)
 
     if args.streaming:
         from datasets.distributed import split_dataset_by_node
@@ -514,16 +646,10 @@ def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int
                                              pin_memory=torch.cuda.is_available())
         return loader, None, validation
 
-    rows, ties = decided_rows(data["label_0"])
-    if not rows:
-        raise InputError(f"dataset {args.dataset_name!r} has no usable pair: its {len(data)} rows are all ties")
-    logger.info("%s[%s]: %d rows, dropped %d ties, %d pairs left", args.dataset_name, args.split,
-                len(data), ties, len(rows))
-    if args.validation_pairs and not args.validation_split:
-        rows, held_rows = hold_out(rows, args.validation_pairs)
+    rows = usable_rows(data[LABEL_COLUMN], args.dataset_name, args.split)
+    rows, held_rows = split_rows(rows, args)
+    if held_rows is not None:
         validation = PairDataset(data, held_rows, validation_transform(args), args.seed)
-    if args.max_train_samples is not None and args.max_train_samples < len(rows):
-        rows = first_samples(rows, args.max_train_samples, args.seed)
     dataset = PairDataset(data, rows, transform, args.seed)
     return _loader(args, dataset, rank, world_size, start_micro_batch), len(dataset), validation
 
@@ -543,12 +669,71 @@ def _cached_dataloader(args, cache, rank: int, world_size: int, start_micro_batc
     logger.info("latent cache %s: %d pairs (ties were dropped when it was built)", args.latent_cache, len(rows))
     sft = args.train_method == "sft"
     validation = None
-    if args.validation_pairs:
-        rows, held_rows = hold_out(rows, args.validation_pairs)
+    rows, held_rows = split_rows(rows, args)  # (--validation_split is refused with a cache)
+    if held_rows is not None:
         validation = cache.pairs(held_rows, args.seed, args.resolution, hflip=False, proportion_empty_prompts=0.0,
                                  winners_only=sft)
-    if args.max_train_samples is not None and args.max_train_samples < len(rows):
-        rows = first_samples(rows, args.max_train_samples, args.seed)
     dataset = cache.pairs(rows, args.seed, args.resolution, hflip=not args.no_hflip,
                           proportion_empty_prompts=args.proportion_empty_prompts, winners_only=sft)
     return _loader(args, dataset, rank, world_size, start_micro_batch), len(dataset), validation
+
+
+# ---- AI feedback --------------------------------------------------------------------------------
+
+
+def choose_winners(args, accelerator, parts: list[tuple[str, PairDataset]]) -> None:
+    """AI feedback: a reward model chooses each pair's winner, once, before training (as TRL
+    computes reference log-probabilities up front), and the datasets put that image first.
+
+    `parts` are (split, dataset) pairs: the training pairs and the held-out ones. As the reference:
+    jpg_1 wins if it scores higher, else jpg_0; label_0 is ignored (ties in it are still dropped).
+    The processes score a share of the pairs each; the choices are saved in
+    output_dir/choices-<metric>.json with what produced them, and reused when that matches."""
+    import hashlib
+    import json
+
+    from accelerate.utils import gather_object
+
+    from eval.scorers import build_scorer, parse_sources, scorer_identity
+    from sdpo.files import first_difference, write_json_atomic
+
+    sources = parse_sources(args.choice_model_source, flag="--choice_model_source").get(args.choice_model, {})
+    record = {"scorer": scorer_identity(args.choice_model, sources),
+              "data": [{**dataset_identity(args, split), "rows": len(dataset.rows),
+                        "rows_sha256": hashlib.sha256(json.dumps(sorted(dataset.rows)).encode()).hexdigest()}
+                       for split, dataset in parts]}
+    path = os.path.join(args.output_dir, f"choices-{args.choice_model}.json")
+    saved = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        why = first_difference(saved.get("record"), record)
+        if why:
+            logger.info("%s was made by another scorer or other pairs (%s): choosing again", path, why)
+            saved = None
+    if saved is None:
+        scorer = build_scorer(args.choice_model, device=str(accelerator.device), flag="--choice_model_source",
+                              **sources)
+        choices = []
+        for _, dataset in parts:
+            mine = {}
+            for row in sorted(dataset.rows)[accelerator.process_index :: accelerator.num_processes]:
+                item = dataset.data[row]
+                try:
+                    images = [decode_image(item[column]) for column in IMAGE_COLUMNS]
+                except UnreadableImage:
+                    continue  # skipped in training anyway
+                caption = caption_text(item[args.caption_column], args.caption_column)
+                score_0, score_1 = scorer.score(images, [caption] * 2)
+                mine[row] = bool(score_1 > score_0)  # a tie keeps jpg_0 first, as the reference
+            choices.append({row: wins for part in gather_object([mine]) for row, wins in part.items()})
+        del scorer
+        if accelerator.is_main_process:
+            write_json_atomic({"record": record, "jpg_1_wins": [{str(r): w for r, w in sorted(chosen.items())}
+                                                                for chosen in choices]}, path)
+        logger.info("%s chose the winner of %d pairs; jpg_1 won %d", args.choice_model,
+                    sum(map(len, choices)), sum(sum(chosen.values()) for chosen in choices))
+    else:
+        choices = [{int(row): wins for row, wins in chosen.items()} for chosen in saved["jpg_1_wins"]]
+    for (_, dataset), chosen in zip(parts, choices):
+        dataset.jpg_1_wins = chosen

@@ -46,3 +46,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise InputError(f"{message} (see {self.prog} --help)")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as users read it: the program's docstring as written, and after each flag's help
+    its default, unless the help already says what the default is (or there is none to show)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default in ([], "", argparse.SUPPRESS)
+        if not action.option_strings or nothing or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)".strip()

@@ -19,10 +19,16 @@ from sdpo.errors import InputError, first_line
 TEMP_NAME = re.compile(r"\.tmp(\d+)(\.png)?$")  # ours; `.tmpNNN.png` is what earlier versions wrote
 
 
-def check_output_dir(path: str, flag: str) -> str:
+def check_output_dir(path: str, flag: str, create: bool = True) -> str:
     """Make the folder `path` (and its parents) and prove it writable by writing and removing a
     probe file: a path that is a file, lies under a file, or is read-only fails here, before
-    anything is loaded. Returns the path."""
+    anything is loaded. With create=False nothing is written: the folder, or the nearest folder
+    that exists above it, must be a writable folder. Returns the path."""
+    if not path:
+        raise InputError(f"{flag}: an empty path (name a folder)")
+    if not create:
+        _check_could_create(path, flag)
+        return path
     try:
         os.makedirs(path, exist_ok=True)
     except FileExistsError:
@@ -41,6 +47,20 @@ def check_output_dir(path: str, flag: str) -> str:
         with contextlib.suppress(OSError):
             os.remove(probe)
     return path
+
+
+def _check_could_create(path: str, flag: str) -> None:
+    """check_output_dir's findings without writing: a folder that exists, or one whose nearest
+    existing ancestor is a folder this process may write in."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{flag} {path}: a file is in the way (a folder is needed)")
+    here = os.path.abspath(path)
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        raise InputError(f"{flag} {path}: lies under a file, not a folder")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: cannot write there ({here} is not writable)")
 
 
 def temp_path(path: str) -> str:
@@ -169,3 +189,35 @@ def first_difference(old, new, where: str = "") -> str | None:
     if old == new:
         return None
     return f"{where or 'value'}: was {_short(old)}, now {_short(new)}"
+
+
+class MetricsFile:
+    """metrics.jsonl: one JSON object per line, appended on the main process. On resume, the lines
+    after the resume point are dropped, and so is a line cut short by a kill or a full disk."""
+
+    def __init__(self, path: str, keep_up_to: int, main: bool):
+        import logging
+        import math
+
+        self.path, self.main = path, main
+        if not main or not os.path.exists(path):
+            return
+        kept, torn = [], 0
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    torn += 1
+                    continue
+                if isinstance(entry, dict) and entry.get("step", math.inf) <= keep_up_to:
+                    kept.append(json.dumps(entry) + "\n")
+        if torn:
+            logging.getLogger(__name__).warning("%s: dropped %d unreadable line(s), as a killed run leaves them",
+                                                path, torn)
+        write_text_atomic("".join(kept), path)
+
+    def append(self, step: int, values: dict) -> None:
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")

@@ -22,6 +22,36 @@ from sdpo.errors import InputError, first_line
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
+# Precision names (train.py's --mixed_precision, eval's --dtype) and the dtype each means.
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_resolution(sdxl: bool) -> int:
+    """The size each family was trained at: 1024 px for SDXL, 512 px for SD1.x."""
+    return 1024 if sdxl else 512
+
+
+def vae_dtype(sdxl: bool, weight_dtype: torch.dtype, separate_vae: bool) -> torch.dtype:
+    """The VAE runs in the weight dtype, except SDXL's own VAE under fp16, which overflows (NaN
+    latents); a separate VAE (the fp16-fix one) runs in fp16."""
+    if sdxl and weight_dtype == torch.float16 and not separate_vae:
+        return torch.float32
+    return weight_dtype
+
+
+def policy_source(args) -> str:
+    """Where the policy UNet starts: --unet_init, else the base pipeline's UNet ("base")."""
+    return args.unet_init or "base"
+
+
+def reference_source(args) -> str | None:
+    """Where the reference UNet comes from: --ref_unet, else --unet_init (as the reference), else
+    the base; None for sft, which has no reference."""
+    if args.train_method == "sft":
+        return None
+    return args.ref_unet or args.unet_init or "base"
+
+
 class _DropEmptyFloat32Warning(logging.Filter):
     """diffusers warns at every `.to(dtype)` of a model that "modules ... should be kept in float32:
     []", about an empty list: noise at every cast of a frozen model, dropped here."""

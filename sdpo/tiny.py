@@ -11,6 +11,12 @@ and random. The tokenizer is the real CLIP tokenizer, built from the BPE vocabul
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python sdpo/tiny.py): the repository root in this folder's place
+    import os as _os
+    import sys as _sys
+
+    _sys.path[0] = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+
 import argparse
 import gzip
 import io

@@ -211,17 +211,69 @@ def test_score_files_are_reused_only_when_their_record_matches(scored_run, capsy
     assert "1 of 4 images changed since it was made" in capsys.readouterr().out
 
 
-def test_an_old_format_score_file_is_recomputed(scored_run, tmp_path, capsys):
+def without_record(records, edit=None, field="score"):
+    """A score file without a record: the manifest's records each with a score (1, 2, 3, ...) in
+    `field`, then `edit` applied to the list."""
+    content = [{**r, field: float(i + 1)} for i, r in enumerate(records)]
+    if edit:
+        edit(content)
+    return content
+
+
+# (name, the score file, what is in it, the extra flag, whether its scores are used, the line printed)
+UNRECORDED = [
+    ("ours, older format", "aesthetics", lambda r: without_record(r), [], True, "scores used unverified"),
+    ("the reference's ImageReward", "image_reward_score",
+     lambda r: without_record(r, field="image_reward_score"), [], True, "scores used unverified"),
+    ("another prompt", "aesthetics", lambda r: without_record(r, lambda c: c[2].update(prompt="a dog")), [], False,
+     "a score file without a record, made for another manifest (record 2 differs); scoring again"),
+    ("another image path", "aesthetics",
+     lambda r: without_record(r, lambda c: c[1].update(gen_image_path=c[1]["gen_image_path"] + ".old.png")), [],
+     False, "a score file without a record, made for another manifest (record 1 differs); scoring again"),
+    ("a record fewer", "aesthetics", lambda r: without_record(r, lambda c: c.pop()), [], False,
+     "a score file without a record, made for another manifest (a different number of records); scoring again"),
+    ("the records in another order", "aesthetics", lambda r: without_record(r, lambda c: c.reverse()), [], False,
+     "a score file without a record, made for another manifest (record 0 differs); scoring again"),
+    ("a score missing", "aesthetics", lambda r: without_record(r, lambda c: c[3].pop("score")), [], False,
+     "record 3 has no numeric 'score'; scoring again"),
+    ("a score that is not a number", "aesthetics", lambda r: without_record(r, lambda c: c[0].update(score="9")),
+     [], False, "record 0 has no numeric 'score'; scoring again"),
+    ("the reference's aesthetics (no scores)", "aesscore", lambda r: r, [], False,
+     "holds no per-image scores (the reference's tool printed only the mean): scoring"),
+    ("--recompute", "aesthetics", lambda r: without_record(r), ["--recompute"], False, "--recompute; scoring again"),
+]
+
+
+@pytest.mark.parametrize("name, suffix, content, extra, used, line", UNRECORDED, ids=[c[0] for c in UNRECORDED])
+def test_a_score_file_without_a_record_is_used_only_when_it_fits(scored_run, tmp_path, capsys, monkeypatch,
+                                                                 name, suffix, content, extra, used, line):
+    """A score file that records neither scorer nor images is used, with one warning line, when its
+    prompts and image paths are the manifest's, in order, each with a score; otherwise the metric is
+    scored, with the reason."""
     manifest, sources = scored_run
-    records = json.load(open(manifest))
-    path = score.score_path(manifest, "aesthetics")
-    json.dump([{**r, "score": 99.0} for r in records], open(path, "w"))  # the format before records
-    flags = [x for k, v in sources["aesthetics"].items() for x in ("--source", f"aesthetics.{k}={v}")]
-    means = score.main([manifest, "--metrics", "aesthetics", *flags, "--table", str(tmp_path / "t.md")])
-    assert "a score file of an older format" in capsys.readouterr().out
-    assert means[manifest]["aesthetics"] != 99.0
-    content = json.load(open(path))
-    assert content["format"] == score.SCORE_FORMAT and all(r["score"] != 99.0 for r in content["records"])
+    metric = "imagereward" if suffix == "image_reward_score" else "aesthetics"
+    stem = os.path.splitext(manifest)[0]
+    for old in {metric, suffix, "aesscore", "image_reward_score"}:  # no file of an earlier case
+        if os.path.exists(f"{stem}_{old}.json"):
+            os.remove(f"{stem}_{old}.json")
+    path, written = f"{stem}_{suffix}.json", content(json.load(open(manifest)))
+    with open(path, "w") as f:
+        json.dump(written, f, indent=2)
+    loaded = []
+    build = score.build_scorer
+    monkeypatch.setattr(score, "build_scorer", lambda m, **kw: loaded.append(m) or build(m, **kw))
+    flags = [x for k, v in sources[metric].items() for x in ("--source", f"{metric}.{k}={v}")]
+    means = score.main([manifest, "--metrics", metric, *flags, *extra, "--table", str(tmp_path / "t.md")])
+    printed = [text for text in capsys.readouterr().out.splitlines() if path in text]
+    assert printed == [f"warning: {path}: {score.UNVERIFIED}" if used else f"{path}: {line}"]
+    assert (means[manifest][metric] == pytest.approx(2.5)) == used  # the mean of 1, 2, 3, 4 only if used
+    assert loaded == ([] if used else [metric])
+    if used:  # nothing written: no record could vouch for these scores
+        assert json.load(open(path)) == written
+        assert suffix == metric or not os.path.exists(score.score_path(manifest, metric))
+    else:  # scored, and written with a record
+        ours = json.load(open(score.score_path(manifest, metric)))
+        assert ours["format"] == score.SCORE_FORMAT and len(ours["records"]) == 4
 
 
 def test_hpsv2_loads_its_checkpoint_without_claiming_random_weights(scored_run, caplog, monkeypatch):

@@ -321,10 +321,18 @@ def test_reference_precision_rounds_the_reference_losses_in_bf16():
     beta = 5000.0
     u = {}
     for upcast in (False, True):
-        _, stats = preference_loss(model, ref, target, method="diffusion-dpo", beta=beta, upcast=upcast)
-        r = per_sample_mse(ref, target, upcast)
-        l = per_sample_mse(model, target)
-        u[upcast] = preference_logit(*l.chunk(2), *r.chunk(2), beta).float()
+        loss, stats = preference_loss(model, ref, target, method="diffusion-dpo", beta=beta, upcast=upcast)
+        # By hand, in the order preference_loss computes: r in bf16 (reference) or fp32, l in fp32.
+        r = ((ref - target) if not upcast else (ref.float() - target.float())).pow(2).mean(dim=[1, 2, 3])
+        l = (model - target.float()).pow(2).mean(dim=[1, 2, 3])
+        (l_w, l_l), (r_w, r_l) = l.chunk(2), r.chunk(2)
+        u[upcast] = -0.5 * beta * ((l_w - l_l) - (r_w - r_l))
+        assert r.dtype == (torch.float32 if upcast else torch.bfloat16) and u[upcast].dtype == torch.float32
+        assert stats["ref_mse"].dtype == r.dtype and torch.equal(stats["ref_mse"], r.mean())
+        assert torch.equal(stats["model_mse"], l.mean())
+        assert torch.equal(stats["logit"], u[upcast].mean())
+        assert torch.equal(stats["implicit_acc"], (u[upcast] > 0).float().mean())
+        assert torch.equal(loss, -torch.nn.functional.logsigmoid(u[upcast]).mean())
     delta = (u[False] - u[True]).abs()
     # bf16 keeps 8 bits: r ~ 0.1 rounds by up to 2**-12, and beta / 2 = 2500 turns that into O(0.1).
     assert 0.01 < float(delta.mean()) < 2.0 and float(delta.max()) < 4.0

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import ROOT
 from eval.scorers import build_scorer, load_aesthetic_mlp, load_state_dict
-from eval.tiny import build_tiny_scorers
+from eval.tiny import IMAGE_SIZE, build_tiny_scorers
 
 # The released LAION aesthetic-predictor weights, as the reference ships them. Only in the project's
 # shared data folder beside the checkout: a clone lacks them, and the test that needs them skips.
@@ -167,6 +167,23 @@ def test_imagereward_matches_the_package_model_code(tmp_path, monkeypatch):
     assert max(expected) - min(expected) > 1e-3  # the prompts and images do move the score
 
 
+def open_clip_eval_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """open_clip's evaluation preprocessing, written out with PIL and numpy: the shorter side resized
+    to `size` (bicubic, on the PIL image; the longer side scaled and truncated to an integer), a
+    centred size x size crop, RGB in [0, 1], then OpenAI CLIP's mean and standard deviation."""
+    width, height = image.size
+    if width <= height:
+        new_size = (size, int(size * height / width))
+    else:
+        new_size = (int(size * width / height), size)
+    resized = image.convert("RGB").resize(new_size, Image.BICUBIC)
+    left, top = round((new_size[0] - size) / 2), round((new_size[1] - size) / 2)
+    crop = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255
+    mean = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+    std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+    return torch.from_numpy(((crop - mean) / std).transpose(2, 0, 1).copy())
+
+
 def test_hpsv2_matches_the_package_model_code(sources):
     """The hpsv2 package scores with its vendored open_clip: same weights, same scores as ours."""
     from package_shims import hpsv2_open_clip
@@ -187,11 +204,13 @@ def test_hpsv2_matches_the_package_model_code(sources):
     # With the package's preprocessing our scorer gives the package's scores.
     got = build_scorer("hpsv2", batch_size=2, preprocess="package", **src).score(images(), PROMPTS)
     assert got == pytest.approx(expected, abs=1e-5)
-    # The default (open_clip's preprocessing, as the reference) runs the same model code on its pixels.
+    # The default (open_clip's evaluation preprocessing, as the reference's scorer) gives the pixels of
+    # that preprocessing written out, and the package's model code on those pixels gives its scores.
     ours = build_scorer("hpsv2", batch_size=2, **src)
+    by_hand = torch.stack([open_clip_eval_pixels(im, IMAGE_SIZE) for im in images()])
+    assert torch.allclose(torch.stack([ours.preprocess(im) for im in images()]), by_hand, rtol=0, atol=1e-6)
     with torch.no_grad():
-        pixels = torch.stack([ours.preprocess(im) for im in images()])
-        out = model(pixels, tokenizer(PROMPTS))
+        out = model(by_hand, tokenizer(PROMPTS))
     assert ours.score(images(), PROMPTS) == pytest.approx(
         torch.diagonal(out["image_features"] @ out["text_features"].T).tolist(), abs=1e-5)
 

@@ -39,27 +39,43 @@ def test_posterior_matches_diffusers_ddpm():
     assert var0.item() == pytest.approx(var[0].item())
 
 
+def float64_scheduler(prediction_type):
+    """The scheduler with its schedule in float64, from its own betas: alpha_t = 1 - beta_t and
+    abar_t = prod_{s<=t} alpha_s (DDPM's definitions), so that add_noise, get_velocity, ours and the
+    oracle below all use one schedule, with no float32 rounding between them."""
+    s = scheduler(prediction_type)
+    s.betas = s.betas.to(D64)
+    s.alphas = 1 - s.betas
+    s.alphas_cumprod = torch.cumprod(s.alphas, 0)
+    return s
+
+
 def direct_log_weight(x0, x_t, pred, t, s, z, prediction_type):
-    """The definition written out: both Gaussian means, the draw, the log-ratio over D."""
-    abar = s.alphas_cumprod.to(D64)[t]
+    """The definition written out: both Gaussian means, the draw, the log-ratio over D. The DDPM
+    posterior q(x_{t-1} | x_t, x0) comes from the scheduler's betas and alphas (Ho et al., eq. 7),
+    independently of posterior_coefficients."""
+    beta, alpha, abar = float(s.betas[t]), float(s.alphas[t]), float(s.alphas_cumprod[t])
+    abar_prev = float(s.alphas_cumprod[t - 1]) if t > 0 else 1.0
+    c0 = math.sqrt(abar_prev) * beta / (1 - abar)
+    ct = math.sqrt(alpha) * (1 - abar_prev) / (1 - abar)
+    var = (1 - abar_prev) / (1 - abar) * beta
     if prediction_type == "epsilon":
-        x0_hat = (x_t - (1 - abar).sqrt() * pred) / abar.sqrt()
+        x0_hat = (x_t - math.sqrt(1 - abar) * pred) / math.sqrt(abar)
     else:
-        x0_hat = abar.sqrt() * x_t - (1 - abar).sqrt() * pred
-    c0, ct, var = posterior_coefficients(s.alphas_cumprod, torch.tensor([t]))
+        x0_hat = math.sqrt(abar) * x_t - math.sqrt(1 - abar) * pred
     mu_q = c0 * x0 + ct * x_t
     mu_p = c0 * x0_hat + ct * x_t
-    x_prev = mu_q + var.sqrt() * z
+    x_prev = mu_q + math.sqrt(var) * z
     D = x0.numel()
     return float(((x_prev - mu_q).pow(2).sum() - (x_prev - mu_p).pow(2).sum()) / (2 * var * D))
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_log_weight_equals_direct_definition(prediction_type):
-    s = scheduler(prediction_type)
+    s = float64_scheduler(prediction_type)
     g = torch.Generator().manual_seed(0)
     x0, eps, z = (torch.randn(4, 4, 4, generator=g, dtype=D64) for _ in range(3))
-    for t in [3, 250, 900]:
+    for t in [1, 3, 250, 900]:
         tt = torch.tensor([t])
         x_t = s.add_noise(x0[None], eps[None], tt)[0]
         target = eps if prediction_type == "epsilon" else s.get_velocity(x0[None], eps[None], tt)[0]

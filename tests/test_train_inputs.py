@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -99,13 +100,60 @@ BAD_SETTINGS = [
     (["--validation_pairs", "1000"], ["--validation_pairs 1000", "only"]),
     (["--resume_from_checkpoint", "checkpoint-99"], ["--resume_from_checkpoint", "not a complete checkpoint"]),
     (["--max_train_samples", "0"], ["--max_train_samples must be >= 1"]),
+    # Settings that can only be wrong, found before anything slow starts.
+    (["--validation_prompts", "a cat", "--validation_sampling_steps", "5000"],
+     ["--validation_sampling_steps 5000", "1000 timesteps"]),
+    (["--validation_pairs", "2", "--validation_timesteps", "2000"], ["--validation_timesteps 2000", "holds only 1000"]),
+    (["--validation_pairs", "2", "--timestep_weighting", "importance", "--validation_timesteps", "901"],
+     ["--validation_timesteps 901", "[100, 1000)"]),
+    (["--validation_sampling_steps", "0"], ["--validation_sampling_steps must be >= 1"]),
+    (["--gradient_accumulation_steps", "0"], ["--gradient_accumulation_steps must be >= 1"]),
+    (["--num_train_epochs", "0"], ["--num_train_epochs must be >= 1"]),
+    (["--lr_warmup_steps", "-1"], ["--lr_warmup_steps must be >= 0"]),
+    (["--dataloader_num_workers", "-1"], ["--dataloader_num_workers must be >= 0"]),
+    (["--max_skipped_steps", "0"], ["--max_skipped_steps must be >= 1"]),
+    (["--checkpoints_total_limit", "0"], ["--checkpoints_total_limit must be >= 1"]),
+    (["--validation_timesteps", "0"], ["--validation_timesteps must be >= 1"]),
+    (["--proportion_empty_prompts", "1.5"], ["--proportion_empty_prompts must lie in [0, 1]"]),
+    (["--proportion_empty_prompts", "nan"], ["--proportion_empty_prompts must lie in [0, 1]"]),
+    (["--is_clip_eps", "1"], ["--is_clip_eps must lie in [0, 1)"]),
+    (["--is_mask_threshold", "-1"], ["--is_mask_threshold must be >= 0"]),
+    (["--adam_beta1", "1"], ["--adam_beta1 and --adam_beta2 must lie in [0, 1)"]),
+    (["--adam_epsilon", "0"], ["--adam_epsilon must be > 0"]),
+    (["--max_grad_norm", "-1"], ["--max_grad_norm must be >= 0"]),
+    (["--max_grad_norm", "nan"], ["--max_grad_norm must be >= 0"]),
+    (["--resolution", "abc"], ["--resolution", "invalid int value"]),
+    (["--mixed_precision", "fp8"], ["--mixed_precision", "invalid choice"]),
+    (["--sdxl_true_time_ids"], ["--sdxl_true_time_ids needs --sdxl"]),
+    (["--streaming", "--validation_pairs", "2"], ["--validation_pairs needs a map-style dataset"]),
+    (["--latent_cache", "somewhere", "--random_crop"], ["--latent_cache cannot be combined with --random_crop"]),
+    (["--train_method", "sft", "--use_winner_preserving"], ["--use_winner_preserving needs a loser branch"]),
+    (["--train_method", "sft", "--ref_unet", "base"], ["--ref_unet needs a preference objective"]),
+    (["--image_column", "image"], ["--image_column", "jpg_0 and jpg_1"]),
+    (["--output_dir", ""], ["--output_dir is empty"]),
+    (["--logging_dir", " "], ["--logging_dir is empty"]),
+    (["--caption_column", ""], ["--caption_column is empty"]),
+    (["--split", ""], ["--split is empty"]),
+    (["--cache_dir", ""], ["--cache_dir is empty"]),
+    (["--latent_cache", ""], ["--latent_cache is empty"]),
+    (["--pretrained_vae_model_name_or_path", ""], ["--pretrained_vae_model_name_or_path is empty"]),
+    (["--validation_pairs", "2", "--validation_split", ""], ["--validation_split is empty"]),
+    (["--dataset_name", ""], ["--dataset_name is empty"]),
+    (["--revision", ""], ["--revision is empty"]),
+    (["--latent_cache", "{file}"], ["--latent_cache", "not a complete latent cache"]),
 ]
 
 
 @pytest.mark.parametrize("flags,fragments", BAD_SETTINGS, ids=[" ".join(f) for f, _ in BAD_SETTINGS])
 def test_bad_settings_end_in_one_line(tiny, tmp_path, capsys, flags, fragments):
+    (tmp_path / "a_file").write_text("not a folder")
+    flags = [f.replace("{file}", str(tmp_path / "a_file")) for f in flags]
     expect_one_line_error(capsys, tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "out"), *flags),
                           *fragments)
+    # --check_only finds the same problem, and writes nothing while doing so.
+    expect_one_line_error(capsys, tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "check"), *flags,
+                                                  "--check_only"), *fragments)
+    assert not (tmp_path / "check").exists()
 
 
 def test_bad_paths_end_in_one_line(tiny, tmp_path, capsys, bad_files):
@@ -133,6 +181,7 @@ def test_bad_paths_end_in_one_line(tiny, tmp_path, capsys, bad_files):
         argv = tiny_train_args(where.get("model", tiny["sd15"]), where.get("data", tiny["data"]),
                                where.get("out", str(tmp_path / "out")), "--max_train_steps", "1", *flags)
         expect_one_line_error(capsys, argv, *fragments)
+        expect_one_line_error(capsys, [*argv, "--check_only"], *fragments)  # the launchers' check finds it too
 
 
 def test_sdxl_unet_with_an_sd15_base_is_refused(tiny, tmp_path, capsys):
@@ -184,6 +233,71 @@ def test_missing_column_is_found_before_any_model_loads(tiny, tmp_path, capsys, 
     table = pq.read_table(os.path.join(data, "data", "train-00000-of-00001.parquet")).drop(["jpg_1"])
     pq.write_table(table, os.path.join(data, "data", "train-00000-of-00001.parquet"))
     expect_one_line_error(capsys, tiny_train_args(tiny["sd15"], data, str(tmp_path / "out")), "no column 'jpg_1'")
+
+
+def caption_data(folder, captions, caption_type):
+    rows = {"caption": captions, "jpg_0": [jpeg(1 + i) for i in range(len(captions))],
+            "jpg_1": [jpeg(100 + i) for i in range(len(captions))], "label_0": [1.0, 0.0] * (len(captions) // 2)}
+    schema = pa.schema([("caption", caption_type), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
+                        ("label_0", pa.float64())])
+    os.makedirs(os.path.join(folder, "data"), exist_ok=True)
+    pq.write_table(pa.table(rows, schema=schema), os.path.join(folder, "data", "train-00000-of-00001.parquet"))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory, tiny):
+    root = tmp_path_factory.mktemp("bad-data")
+    binary = caption_data(root / "binary", [b"a cat", b"a dog"] * 4, pa.binary())
+    integers = caption_data(root / "integers", [1, 2] * 4, pa.int64())
+    # Two files of one split that disagree: the second holds its captions as bytes.
+    mixed = caption_data(root / "mixed", ["a cat", "a dog"] * 4, pa.string())
+    shutil.copy(os.path.join(binary, "data", "train-00000-of-00001.parquet"),
+                os.path.join(mixed, "data", "train-00001-of-00002.parquet"))
+    os.rename(os.path.join(mixed, "data", "train-00000-of-00001.parquet"),
+              os.path.join(mixed, "data", "train-00000-of-00002.parquet"))
+    # ... or in their columns.
+    missing = caption_data(root / "missing", ["a cat", "a dog"] * 4, pa.string())
+    table = pq.read_table(os.path.join(missing, "data", "train-00000-of-00001.parquet"))
+    pq.write_table(table.drop(["label_0"]), os.path.join(missing, "data", "train-00001-of-00001.parquet"))
+    return {"binary": binary, "integers": integers, "mixed": mixed, "missing": missing}
+
+
+BAD_DATA = [
+    ("binary", "the caption column 'caption' holds binary, not text"),
+    ("integers", "the caption column 'caption' holds int64, not text"),
+    ("mixed", "train-00001-of-00002.parquet does not match train-00000-of-00002.parquet: column 'caption' is binary"),
+    ("missing", "train-00001-of-00001.parquet does not match train-00000-of-00001.parquet: it has no column 'label_0'"),
+]
+
+
+@pytest.mark.parametrize("mode", ["run", "check_only", "streaming"])
+@pytest.mark.parametrize("name,fragment", BAD_DATA, ids=[name for name, _ in BAD_DATA])
+def test_bad_data_ends_in_one_line(tiny, tmp_path, capsys, bad_data, mode, name, fragment):
+    extra = {"run": [], "check_only": ["--check_only"], "streaming": ["--streaming"]}[mode]
+    expect_one_line_error(capsys, tiny_train_args(tiny["sd15"], bad_data[name], str(tmp_path / "out"),
+                                                  "--max_train_steps", "1", *extra), fragment)
+
+
+def test_check_only_writes_nothing(tiny, tmp_path):
+    """--check_only reads the data from its parquet files: no output folder, no `datasets` cache
+    (for the full Pick-a-Pic that would be a conversion of the whole set)."""
+    out, hf_home = tmp_path / "out", tmp_path / "hf"
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HOME": str(hf_home), "HF_DATASETS_CACHE": str(hf_home / "datasets")}
+    args = tiny_train_args(tiny["sd15"], tiny["data"], str(out), "--validation_pairs", "4", "--check_only")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "are usable" in result.stdout
+    assert not out.exists()
+    written = [p for p in hf_home.rglob("*") if p.is_file()] if hf_home.exists() else []
+    assert not any("parquet" in str(p) or p.suffix == ".arrow" for p in written), written
+    # The same run without --check_only converts the data into that cache (so the check above can fail).
+    args = tiny_train_args(tiny["sd15"], tiny["data"], str(out), "--dry_run")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert any(p.suffix == ".arrow" for p in hf_home.rglob("*"))
 
 
 # ---- bad rows ----------------------------------------------------------------------------------
@@ -242,7 +356,7 @@ def poison_steps(monkeypatch, bad_steps):
     import train
 
     calls = {"n": 0}
-    original = train.Step.__call__
+    original = train.MicroBatchLoss.__call__
 
     def poisoned(self, batch):
         calls["n"] += 1
@@ -251,7 +365,7 @@ def poison_steps(monkeypatch, bad_steps):
             loss = loss * float("nan")
         return loss, stats
 
-    monkeypatch.setattr(train.Step, "__call__", poisoned)
+    monkeypatch.setattr(train.MicroBatchLoss, "__call__", poisoned)
 
 
 def test_a_nan_step_is_skipped_and_the_run_goes_on(tiny, tmp_path, monkeypatch):
@@ -502,7 +616,7 @@ def test_fp16_gradient_scaler_paths():
     run = types.SimpleNamespace(
         args=types.SimpleNamespace(gradient_accumulation_steps=1, max_grad_norm=1.0), accelerator=Accelerator(),
         unet=model, optimizer=Optimizer(), lr_scheduler=torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 1.0),
-        step=lambda batch: (next(losses)(model(torch.ones(2, 3))), {}))
+        loss=lambda batch: (next(losses)(model(torch.ones(2, 3))), {}))
     batches = iter(range(3))
     before = model.weight.detach().clone()
     _, status = train.train_step(run, batches)

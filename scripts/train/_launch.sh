@@ -8,24 +8,25 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 bash "$root/scripts/setup.sh"
 python="$root/.venv/bin/python"
 BATCH=8 ACCUM=32
+# A variable the environment leaves unset takes the default here; one set to "" is an error (below).
 if [ "$SDXL" = 1 ]; then
-  MODEL_NAME="${MODEL_NAME:-stabilityai/stable-diffusion-xl-base-1.0}"
-  VAE_NAME="${VAE_NAME:-madebyollin/sdxl-vae-fp16-fix}"
+  MODEL_NAME="${MODEL_NAME-stabilityai/stable-diffusion-xl-base-1.0}"
+  VAE_NAME="${VAE_NAME-madebyollin/sdxl-vae-fp16-fix}"
+  settings=(MODEL_NAME VAE_NAME)
   arch=(--sdxl --resolution=1024 --pretrained_vae_model_name_or_path="$VAE_NAME" --use_adafactor --gradient_checkpointing)
 else
-  MODEL_NAME="${MODEL_NAME:-stable-diffusion-v1-5/stable-diffusion-v1-5}"
+  MODEL_NAME="${MODEL_NAME-stable-diffusion-v1-5/stable-diffusion-v1-5}"
+  settings=(MODEL_NAME)
   arch=(--resolution=512 --no-use_adafactor --no-gradient_checkpointing)
 fi
 # yuvalkirstain/pickapic_v2 has answered 404 on the hub since 2025: point DATASET_NAME at a local copy.
-DATASET_NAME="${DATASET_NAME:-yuvalkirstain/pickapic_v2}"
-OUTPUT_DIR="${OUTPUT_DIR:-outputs/$(basename "$0" .sh)}"
-if [ -z "${NUM_GPUS:-}" ]; then
-  NUM_GPUS=$("$python" -c "import torch; print(torch.cuda.device_count())")
-fi
-if [ "$NUM_GPUS" -lt 1 ]; then
-  echo "error: no GPU found; set NUM_GPUS=N to launch anyway" >&2
-  exit 2
-fi
+DATASET_NAME="${DATASET_NAME-yuvalkirstain/pickapic_v2}"
+OUTPUT_DIR="${OUTPUT_DIR-outputs/$(basename "$0" .sh)}"
+settings+=(DATASET_NAME OUTPUT_DIR)
+export "${settings[@]}"
+# An empty setting or a NUM_GPUS that is not a positive integer ends here (one `error:` line, status 2);
+# otherwise this prints the GPU count: NUM_GPUS, or the GPUs torch finds.
+NUM_GPUS=$("$python" "$root/scripts/train/_check_env.py" "${settings[@]}")
 echo "effective batch: $BATCH pairs per GPU x $ACCUM accumulation steps x $NUM_GPUS GPUs =" \
      "$((BATCH * ACCUM * NUM_GPUS)) pairs per step (the papers used 2048; extra flags may change this," \
      "train.py logs the batch it uses)"
