@@ -6,6 +6,7 @@ scripts/plot_run.py, scripts/loss_precision.py and the train launchers' environm
 import importlib.util
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -187,3 +188,16 @@ def test_a_wrong_value_ends_in_one_error_line(entry, args, fragment, places, tmp
     assert status == 2, err[-2000:]
     assert lines and lines[-1].startswith("error: ") and "Traceback" not in err, err[-2000:]
     assert fragment in lines[-1], (fragment, lines[-1])
+
+
+def test_entry_points_run_as_files_from_anywhere(tmp_path):
+    """`python path/to/X.py --help` from another folder without PYTHONPATH, as `python -m sdpo.X`
+    works from the root (the eval commands have their own test in test_eval_inputs.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for path in ("train.py", "bench.py", "demo.py", "sdpo/cache.py", "sdpo/tiny.py", "scripts/plot_run.py"):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, path), "--help"], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0 and "usage:" in result.stdout, (path, result.stderr[-2000:])
+    result = subprocess.run([sys.executable, "-m", "sdpo.cache", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0 and "usage: python -m sdpo.cache" in result.stdout, result.stderr[-2000:]
