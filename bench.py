@@ -103,11 +103,10 @@ def parse_args(argv=None):
 
 def check_args(args) -> None:
     """Refuse a value bench.py cannot use, in one line that names the flag, before any model is built."""
-    from sdpo.flags import device, no_empty_values, output_file
+    from sdpo.flags import device, image_size, no_empty_values, output_file
 
     no_empty_values(args)
-    if args.resolution < 8 or args.resolution % 8:
-        raise InputError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    image_size(args.resolution, "--resolution")
     for flag, low in (("batch_size", 1), ("steps", 1), ("warmup", 0), ("sample_steps", 1), ("loader_pairs", 1)):
         if getattr(args, flag) < low:
             raise InputError(f"--{flag} must be >= {low}, got {getattr(args, flag)}")
@@ -128,13 +127,18 @@ def check_args(args) -> None:
     if args.json is not None:
         output_file(args.json, "--json")
     if args.pretrained:
-        from sdpo import models
-
         models.check_source(args.pretrained, "--pretrained")
         sdxl = models.is_sdxl_pipeline(args.pretrained)
         if sdxl is not None and sdxl != (args.arch == "sdxl"):
             raise InputError(f"--pretrained {args.pretrained} is {'an SDXL' if sdxl else 'a SD1.5'} pipeline: pass "
                              f"--arch {'sdxl' if sdxl else 'sd15'}")
+    if args.mode == "sample":  # more steps than the schedule has timesteps only repeat them, for hours
+        from diffusers import DDPMScheduler
+
+        limit = scheduler_for(args, DDPMScheduler).config.num_train_timesteps
+        if args.sample_steps > limit:
+            raise InputError(f"--sample_steps must be at most {limit}, the scheduler's training timesteps, "
+                             f"got {args.sample_steps}")
 
 
 # ---- the training step ------------------------------------------------------------------------
@@ -252,7 +256,7 @@ def count_flops(run, batches) -> dict:
     ref = run.ref_unet
     if ref is not None:  # a class name of its own, so that the counter keeps the two UNets apart
         ref.__class__ = type("ReferenceUNet", (type(ref),), {})
-    micro = run.loss
+    micro = run.compute_loss
     vae_flops = []
     if micro.vae is not None:  # encode() is not forward(): count it with a counter of its own
         encode = micro.vae.encode
@@ -455,14 +459,14 @@ def synthetic_cache(targs, tokenizers, folder: str, dtype=torch.bfloat16):
     from safetensors.torch import save_file
 
     from sdpo.cache import MANIFEST, cache_settings
-    from sdpo.data import decided_rows, load_split
+    from sdpo.data import LABEL_COLUMN, decided_rows, load_split
 
     data = load_split(targs.dataset_name, targs.split)
-    rows, _ = decided_rows(data["label_0"])
+    rows, _ = decided_rows(data[LABEL_COLUMN])
     size = targs.resolution // 8
     n = len(rows)
     tensors = {"row": torch.tensor(rows), "readable": torch.ones(n, dtype=torch.uint8),
-               "label": torch.tensor([float(data[r]["label_0"]) for r in rows], dtype=torch.float64),
+               "label": torch.tensor([float(data[r][LABEL_COLUMN]) for r in rows], dtype=torch.float64),
                "original_size": torch.full((n, 2, 2), targs.resolution, dtype=torch.int32),
                "mean": torch.randn(n, 2, 2, 4, size, size).to(dtype), "std": torch.rand(n, 2, 2, 4, size, size).to(dtype)}
     for i, tokenizer in enumerate(tokenizers):

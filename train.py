@@ -29,7 +29,7 @@ from sdpo.conditioning import PromptEncoder
 from sdpo.data import PairBatch, build_dataloader, check_data, choose_winners, next_batch
 from sdpo.errors import ArgumentParser, HelpFormatter, InputError, RunStopped, reports_input_errors
 from sdpo.files import MetricsFile, check_output_dir, write_json_atomic
-from sdpo.flags import no_empty_values
+from sdpo.flags import image_size, no_empty_values
 from sdpo.losses import check_mu, preference_loss, sft_loss, winner_preserving_scale
 from sdpo.timesteps import MODES, log_importance_weights, pair_log_weights, pair_weights, timestep_range
 
@@ -136,7 +136,7 @@ def parse_args(argv=None):
     # output
     a("--output_dir", default="sd-model-finetuned", help="checkpoints, logs and the trained UNet")
     a("--logging_dir", default="logs", help="TensorBoard folder, under output_dir")
-    a("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
+    a("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"], help="trackers to log to")
     a("--tracker_project_name", default="preference-training", help="the trackers' project name (TensorBoard subfolder)")
     a("--local_rank", type=int, default=-1, help="ignored: accelerate launch sets each process's rank")
     a("--checkpointing_steps", type=int, default=500, help="a checkpoint every N optimizer steps (0: none)")
@@ -201,8 +201,7 @@ def check_settings(args):
         check(value is None or value >= 1, f"--{flag} must be >= 1, got {value}")
     check(args.max_train_steps is None or args.max_train_steps >= 1,
           f"--max_train_steps must be >= 0 (0: --num_train_epochs passes over the data), got {args.max_train_steps}")
-    check(args.resolution >= 8 and args.resolution % 8 == 0,
-          f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    image_size(args.resolution, "--resolution")
     check(args.seed is None or 0 <= args.seed < 2**32, f"--seed must lie in [0, 2**32), got {args.seed}")
     for flag in ("beta_dpo", "learning_rate", "adam_weight_decay", "adam_epsilon"):
         check(math.isfinite(getattr(args, flag)), f"--{flag} must be a finite number, got {getattr(args, flag)}")
@@ -370,7 +369,7 @@ class MicroBatchLoss:
                 ref_pred = self.ref_unet(noisy, t, **cond).sample
         return model_pred, ref_pred, target
 
-    def losses(self, model_pred, ref_pred, target, t, weighting: str, safeguard: bool):
+    def loss_and_stats(self, model_pred, ref_pred, target, t, weighting: str, safeguard: bool):
         """The objective and its statistics (detached 0-dim tensors)."""
         args = self.args
         weights, stats = None, {}
@@ -403,7 +402,8 @@ class MicroBatchLoss:
         noise = torch.randn_like(latents[:B], dtype=torch.float32).to(latents.dtype).repeat(k, 1, 1, 1)
         t = torch.randint(self.t_lo, self.t_hi, (B,), device=self.device).repeat(k)
         model_pred, ref_pred, target = self.predict(latents, noise, t, batch)
-        return self.losses(model_pred, ref_pred, target, t, args.timestep_weighting, args.use_winner_preserving)
+        return self.loss_and_stats(model_pred, ref_pred, target, t, args.timestep_weighting,
+                                   args.use_winner_preserving)
 
 
 VALIDATION_NOISE_SEED = 1_000_003  # the held-out noise does not depend on --seed: runs stay comparable
@@ -421,16 +421,16 @@ class Validation:
 
     METRICS = ("implicit_acc", "winner_minus_ref", "loser_minus_ref", "logit", "loss", "model_mse")
 
-    def __init__(self, loss: MicroBatchLoss, dataset, num_timesteps: int):
-        self.loss, self.dataset = loss, dataset
-        lo, hi = loss.t_lo, loss.t_hi
+    def __init__(self, compute_loss: MicroBatchLoss, dataset, num_timesteps: int):
+        self.compute_loss, self.dataset = compute_loss, dataset
+        lo, hi = compute_loss.t_lo, compute_loss.t_hi
         self.timesteps = [lo + (2 * i + 1) * (hi - lo) // (2 * num_timesteps) for i in range(num_timesteps)]
 
     @torch.no_grad()
     def __call__(self) -> dict[str, float]:
         from sdpo.data import collate_pairs
 
-        micro, accelerator = self.loss, self.loss.accelerator
+        micro, accelerator = self.compute_loss, self.compute_loss.accelerator
         device, batch_size = micro.device, micro.args.train_batch_size
         mine = list(range(accelerator.process_index, len(self.dataset), accelerator.num_processes))
         totals = torch.zeros(len(self.METRICS) + 1, dtype=torch.float64, device=device)
@@ -449,7 +449,7 @@ class Validation:
                 noise = noise.repeat(k, 1, 1, 1)
                 t = torch.full((B * k,), t_value, device=device, dtype=torch.long)
                 model_pred, ref_pred, target = micro.predict(latents, noise, t, batch, with_grad=False)
-                loss, stats = micro.losses(model_pred, ref_pred, target, t, "none", safeguard=False)
+                loss, stats = micro.loss_and_stats(model_pred, ref_pred, target, t, "none", safeguard=False)
                 stats["loss"] = loss
                 values = [stats[m].double() * B if m in stats else torch.zeros((), device=device, dtype=torch.float64)
                           for m in self.METRICS]
@@ -470,7 +470,7 @@ class Settings(argparse.Namespace):
 
     def __init__(self, args: argparse.Namespace, **resolved):
         for key, value in {**vars(args), **resolved}.items():
-            object.__setattr__(self, key, value)
+            object.__setattr__(self, key, tuple(value) if isinstance(value, list) else value)
 
     def __setattr__(self, name, value):
         raise AttributeError(f"the settings are resolved once and then frozen: cannot set {name}")
@@ -592,8 +592,7 @@ def prepare_inputs(args: Settings, num_processes: int, rank: int, mixed_precisio
     total_steps = args.max_train_steps or args.num_train_epochs * math.ceil(
         len(dataloader) / args.gradient_accumulation_steps)
     config = checkpoints.run_config(args, num_processes, mixed_precision, timesteps, resume_path, total_steps)
-    if resume_path:
-        checkpoints.check_same_settings(resume_path, resume_state.get("settings"), checkpoints.result_settings(config))
+    checkpoints.check_resumable(resume_path, resume_state, config)
     return Inputs(config, noise_scheduler, timesteps, dataloader, num_pairs, validation_pairs, start_step, total_steps,
                   resume_path, cache.scaling_factor if cache else None)
 
@@ -606,9 +605,8 @@ def check_only(args, mixed_precision: str) -> None:
     settings = Settings(args, seed=run_seed(args, resume_state, num_processes))
     timesteps = check_models(settings, load_noise_scheduler(settings))
     check_data(settings, num_processes, open_latent_cache(settings, mixed_precision))
-    if resume_path:
-        config = checkpoints.run_config(settings, num_processes, mixed_precision, timesteps, resume_path, None)
-        checkpoints.check_same_settings(resume_path, resume_state.get("settings"), checkpoints.result_settings(config))
+    config = checkpoints.run_config(settings, num_processes, mixed_precision, timesteps, resume_path, None)
+    checkpoints.check_resumable(resume_path, resume_state, config)
 
 
 def mixed_precision_for(args) -> str:
@@ -632,7 +630,7 @@ class Run:
     prompt_encoder: PromptEncoder
     optimizer: object
     lr_scheduler: object
-    loss: MicroBatchLoss
+    compute_loss: MicroBatchLoss
     validation: Validation | None
 
 
@@ -645,7 +643,9 @@ def compile_models(unet, ref_unet, device) -> None:
     move even the first loss off log 2. The probe runs a compiler and a child process with a
     timeout, so on a loaded machine it can fail and silently narrow the width, and the training
     result would depend on the machine's load. The width is therefore taken from the CPU's flags
-    alone (what ATen's eager kernels also go by), without the probe."""
+    alone (what ATen's eager kernels also go by), without the probe. The cost: on a CPU whose flags
+    claim an instruction set that the installed compiler cannot build, --compile now stops with the
+    compiler's error instead of quietly using narrower kernels. The setting holds for the process."""
     if device.type == "cpu":
         import torch._inductor.config as inductor
 
@@ -694,13 +694,13 @@ def setup(args: Settings, accelerator, inputs: Inputs, parts=None, device=None) 
         checkpoints.load_checkpoint(inputs.resume_path, accelerator, unet, optimizer, lr_scheduler)
         logger.info("resumed from %s at step %d", inputs.resume_path, inputs.start_step)
     scaling_factor = inputs.scaling_factor if inputs.scaling_factor is not None else vae.config.scaling_factor
-    loss = MicroBatchLoss(args, accelerator, unet, ref_unet, vae, prompt_encoder, inputs.noise_scheduler, weight_dtype,
-                          inputs.timesteps, scaling_factor, device)
+    compute_loss = MicroBatchLoss(args, accelerator, unet, ref_unet, vae, prompt_encoder, inputs.noise_scheduler,
+                                  weight_dtype, inputs.timesteps, scaling_factor, device)
     validation = None
     if inputs.validation_pairs is not None:
-        validation = Validation(loss, inputs.validation_pairs, args.validation_timesteps)
+        validation = Validation(compute_loss, inputs.validation_pairs, args.validation_timesteps)
     return Run(args, inputs, accelerator, weight_dtype, unet, ref_unet, vae, prompt_encoder, optimizer,
-               lr_scheduler, loss, validation)
+               lr_scheduler, compute_loss, validation)
 
 
 def validate_now(run: Run, step: int, metrics: MetricsFile) -> None:
@@ -769,7 +769,7 @@ def train_step(run: Run, batches) -> tuple[dict[str, float], str]:
         # Gradients are all-reduced only on the last micro-batch of a step.
         sync = accelerator.no_sync(unet) if micro < accum - 1 else contextlib.nullcontext()
         with sync:
-            loss, stats = run.loss(batch)
+            loss, stats = run.compute_loss(batch)
             accelerator.backward(loss / accum)
         step_stats.append({"loss": loss.detach(), **stats})
     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf  # inf: measure the norm, clip nothing
@@ -917,9 +917,9 @@ def train(args):
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    for flag, folder in output_folders(args).items():  # every process (a node-local --cache_dir, say)
+        check_output_dir(folder, flag)
     if accelerator.is_main_process:
-        for flag, folder in output_folders(args).items():
-            check_output_dir(folder, flag)
         for name in checkpoints.clean_output_dir(args.output_dir):
             logger.warning("removed %s, left by a killed run", os.path.join(args.output_dir, name))
     accelerator.wait_for_everyone()

@@ -10,20 +10,17 @@ import json
 import math
 import os
 
+from sdpo import flags
 from sdpo.errors import ArgumentParser, InputError, first_line
-from sdpo.flags import device, no_empty_values, output_file  # noqa: F401  (the eval commands' checks)
-
-
-MAX_IMAGE_SIZE = 8192  # pixels per side; SD1.5 and SDXL are trained at 512 and 1024
 
 
 class Parser(ArgumentParser):
     """The evaluation commands' parser: usage errors are InputErrors (one `error:` line, exit
-    status 2), and so is an empty value of any flag or argument (see no_empty_values)."""
+    status 2), and so is an empty value of any flag or argument (see sdpo.flags.no_empty_values)."""
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
-        no_empty_values(parsed, positional={a.dest for a in self._actions if not a.option_strings})
+        flags.no_empty_values(parsed, positional={a.dest for a in self._actions if not a.option_strings})
         return parsed
 
 
@@ -35,17 +32,6 @@ def check(ok: bool, message: str) -> None:
 def at_least_one(value, flag: str) -> None:
     if value is not None:
         check(value >= 1, f"{flag} must be at least 1, got {value}")
-
-
-def image_size(value: int, flag: str) -> None:
-    """Heights and widths: a positive multiple of 8, what the Stable Diffusion VAEs need (they
-    downsample by 8; the latent must have whole pixels), and at most MAX_IMAGE_SIZE: far beyond
-    what these models are run at, where a typo (an extra zero) would only fail after the models
-    loaded, out of memory."""
-    check(value >= 8 and value % 8 == 0, f"{flag} must be a positive multiple of 8 (the VAE works on 8x8 pixel "
-                                         f"blocks), got {value}")
-    check(value <= MAX_IMAGE_SIZE, f"{flag} must be at most {MAX_IMAGE_SIZE} (SD1.5 is trained at 512, SDXL at "
-                                   f"1024), got {value}")
 
 
 def folder(path: str, flag: str) -> str:

@@ -55,7 +55,7 @@ from eval import checks
 from sdpo.files import (atomic_path, check_output_dir, first_difference,
                         path_identity, remove_stale_temps, write_json_atomic)
 from eval.prompts import load_suite
-from sdpo import models
+from sdpo import flags, models
 from sdpo.conditioning import PromptEncoder
 from sdpo.sampling import sample, vae_scale_factor
 from sdpo.errors import InputError, reports_input_errors
@@ -181,11 +181,11 @@ def check_args(args) -> None:
     checks.at_least_one(args.steps, "--steps")
     checks.at_least_one(args.batch_size, "--batch_size")
     checks.at_least_one(args.max_prompts, "--max_prompts")
-    checks.image_size(args.height, "--height")
-    checks.image_size(args.width, "--width")
+    flags.image_size(args.height, "--height")
+    flags.image_size(args.width, "--width")
     checks.seed(args.seed)
     checks.guidance(args.cfg)
-    args.device = checks.device(args.device)
+    args.device = flags.device(args.device)
     if args.dtype is None:
         args.dtype = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
     models.check_base(args.pretrain_path, args.sdxl, "--pretrain_path")

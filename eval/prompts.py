@@ -40,6 +40,7 @@ import os
 import urllib.request
 
 from eval import checks
+from sdpo import flags
 from sdpo.files import write_json_atomic
 from sdpo.errors import InputError, first_line, reports_input_errors
 
@@ -223,7 +224,7 @@ def main(argv=None):
     if os.path.exists(output) and is_shipped_path(output) and not args.force:
         raise InputError(f"{output} ships with the project; write elsewhere with --output FILE, "
                          f"or pass --force to replace it")
-    checks.output_file(output, "--output")
+    flags.output_file(output, "--output")
     suite = build(args.suite, args.source or DEFAULT_SOURCES[args.suite])
     write_suite(suite, output, ensure_ascii=ENSURE_ASCII[args.suite])
     same = fingerprint(suite) == FINGERPRINTS[args.suite]

@@ -3,7 +3,7 @@
     python -m eval.score out/papv2_seed0_512x512_50s_7.5cfg.json out/hpsv2_...json \
         [--metrics pickscore hpsv2 aesthetics clip] [--device cuda] [--batch_size 32] \
         [--source pickscore.model=/models/PickScore_v1 --source hpsv2.checkpoint=/models/HPS_v2_compressed.pt] \
-        [--recompute]
+        [--scores_from output/vs_eval] [--recompute]
 
 For each manifest X.json and metric M it writes X_M.json:
 
@@ -20,8 +20,10 @@ manifest's records each with a "score"; or the reference's X_image_reward_score.
 records carry "image_reward_score") is used when its prompts and image paths are the manifest's,
 in order, and every record has a score, with a warning that it is unverified; otherwise it is
 scored again. The reference's other files (X_pickscore.json, X_hpsv2score.json, X_aesscore.json,
-X_clipscore.json) hold no per-image scores: those metrics are scored. --recompute scores
-everything again.
+X_clipscore.json) hold no per-image scores: those metrics are scored, unless --scores_from gives
+the reference's pair_<metric>.json files (written by its test_vs.sh, one per comparison and metric,
+with both images' scores for each pair) holding every image of the manifest with its prompt: those
+scores are then used, also unverified, with a warning. --recompute scores everything again.
 
 The table (suites by metrics, means) is printed and saved as markdown (--table, default
 summary.md beside the first manifest) and as JSON beside it (summary.json).
@@ -36,10 +38,13 @@ import argparse
 import gc
 import math
 import os
+import re
+from dataclasses import dataclass
 
 from PIL import Image
 
 from eval import checks
+from sdpo import flags
 from sdpo.files import (check_output_dir, file_identity, first_difference,
                         remove_stale_temps, write_json_atomic, write_text_atomic)
 from eval.scorers import METRICS, SOURCES, build_scorer, parse_sources, scorer_identity
@@ -53,6 +58,11 @@ REFERENCE_FILES = {"pickscore": ("pickscore", None), "hpsv2": ("hpsv2score", Non
                    "clip": ("clipscore", None), "imagereward": ("image_reward_score", "image_reward_score")}
 UNVERIFIED = ("scores used unverified: the file holds no record of the scorer or of the images behind them "
               "(--recompute scores again)")
+NO_SCORES = "holds no per-image scores"
+# What the reference's scripts/eval/test_vs.sh writes per comparison: <outdir>/<A>_vs_<B>_<MMDD-HHMMSS>/
+# pair_<metric>.json, each with "results": [{"prompt", "image_a", "image_b", "score_a", "score_b", ...}].
+PAIR_FILE = re.compile(r"pair_(?P<metric>.*)\.json")
+PAIR_FIELDS = {"prompt": str, "image_a": str, "image_b": str, "score_a": float, "score_b": float}
 
 
 def score_path(manifest_path: str, metric: str) -> str:
@@ -109,8 +119,11 @@ def same_records(scored, records: list[dict]) -> str | None:
     if not isinstance(scored, list) or len(scored) != len(records):
         return "made for another manifest (a different number of records)"
     for index, (s, r) in enumerate(zip(scored, records)):
-        if not isinstance(s, dict) or s.get("prompt") != r["prompt"] or s.get("gen_image_path") != r["gen_image_path"]:
-            return f"made for another manifest (record {index} differs)"
+        if not isinstance(s, dict):
+            return f"made for another manifest (record {index} is not an object)"
+        for field, what in (("prompt", "prompt"), ("gen_image_path", "image path")):
+            if s.get(field) != r[field]:
+                return f"made for another manifest (record {index}'s {what} differs)"
     return None
 
 
@@ -146,7 +159,7 @@ def unrecorded_scores(content: list, records: list[dict], field: str):
     manifest's and each has a finite number in `field`; else (None, why not)."""
     other = same_records(content, records)
     if other:
-        return None, f"a score file without a record, {other}"
+        return None, other
     for index, s in enumerate(content):
         if not is_score(s.get(field)):
             return None, f"record {index} has no numeric {field!r}"
@@ -164,36 +177,178 @@ def found_score_file(manifest_path: str, metric: str) -> tuple[str, str | None] 
     return None
 
 
-def cached_scores(manifest_path: str, metric: str, records: list[dict], images: list, identity: dict,
-                  recompute: bool = False) -> tuple[list[dict] | None, str | None]:
-    """(scored records, note) from this manifest's score file, with the line to print about it:
-    - ours with a record of this scorer and these images: (records, None);
-    - one without a record whose records are the manifest's, each with a score: (records, a
-      warning that they are unverified);
-    - otherwise (None, why it is scored again); (None, None) when there is no score file."""
-    found = found_score_file(manifest_path, metric)
-    if found is None:
-        return None, None
-    path, field = found
-    if recompute:
-        return None, f"{path}: --recompute; scoring again"
+def score_file_scores(path: str, field: str | None, manifest_path: str, metric: str, records: list[dict],
+                      images: list, identity: dict) -> tuple[list[dict] | None, str | None]:
+    """What one score file gives: (scored records, None) when it has our record of this scorer and
+    these images; (scored records, a warning) when it has no record but its records are the
+    manifest's, each with a score; else (None, why it cannot serve)."""
     try:
         content = checks.read_json(path, "score file")
     except InputError as err:
-        return None, f"{path}: unreadable ({err}); scoring again"
+        return None, f"unreadable ({err})"
     if isinstance(content, list):
         if field is None or not any(isinstance(s, dict) and field in s for s in content):
             if path == reference_score_path(manifest_path, metric):
-                return None, f"{path}: holds no per-image scores (the reference's tool printed only the mean): scoring"
-            return None, f"{path}: holds no per-image scores; scoring again"
+                return None, f"{NO_SCORES} (the reference's tool printed only the mean)"
+            return None, NO_SCORES
         scored, why = unrecorded_scores(content, records, field)
         if scored is None:
-            return None, f"{path}: {why}; scoring again"
+            return None, why
         return scored, f"warning: {path}: {UNVERIFIED}"
     reason = stale_reason(content, metric, records, images, identity)
-    if reason:
-        return None, f"{path}: {reason}; scoring again"
-    return content["records"], None
+    return (None, reason) if reason else (content["records"], None)
+
+
+def cached_scores(manifest_path: str, metric: str, records: list[dict], images: list, identity: dict,
+                  recompute: bool = False, pair_scores: dict | None = None) -> tuple[list[dict] | None, str | None]:
+    """(scored records, the lines to print about them), without scoring:
+    - from this manifest's score file (see score_file_scores), when it can serve;
+    - else from the reference's pair files (`pair_scores`, see read_pair_scores), when they hold
+      every image of the manifest with its prompt, with a warning that they are unverified;
+    - else (None, why the metric is scored); (None, None) when there is nothing to reuse.
+    --recompute reuses nothing."""
+    found = found_score_file(manifest_path, metric)
+    if recompute:
+        return None, f"{found[0]}: --recompute; scoring again" if found else None
+    lines, action = [], "; scoring again"
+    if found:
+        scored, why = score_file_scores(*found, manifest_path, metric, records, images, identity)
+        if scored is not None:
+            return scored, why
+        lines.append(f"{found[0]}: {why}")
+        if found[0] == reference_score_path(manifest_path, metric) and why.startswith(NO_SCORES):
+            action = ": scoring"  # it never held scores: nothing is scored "again"
+    if pair_scores is not None:
+        scored, why = scores_from_pairs(manifest_path, metric, records, pair_scores)
+        if scored is not None:
+            return scored, "\n".join(lines + [why])
+        lines.append(f"{manifest_path}: {metric}: not taken from the reference's pair files (--scores_from): {why}")
+        action = "; scoring"
+    return None, "\n".join(lines) + action if lines else None
+
+
+# ---- the reference's pair files as a score source -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairScore:
+    """One image's score in a pair file: the score, the prompt it was scored with, the file."""
+    score: float
+    prompt: str
+    path: str
+
+
+def image_key(path: str) -> str:
+    """An image path as a key: the file's real path when it exists here, else the path as written."""
+    return os.path.realpath(path) if os.path.isfile(path) else path
+
+
+def pair_files(paths: list[str], flag: str = "--scores_from") -> list[str]:
+    """The pair files named: each given file, and every pair_*.json under each given folder."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            inside = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
+                            for name in names if name.startswith("pair_") and name.endswith(".json"))
+            checks.check(bool(inside), f"{flag} {path}: no pair_<metric>.json file under this folder")
+            found += inside
+        else:
+            found.append(path)
+    return list({os.path.realpath(p): p for p in found}.values())  # a file given twice is read once
+
+
+def read_pair_file(path: str, flag: str = "--scores_from") -> tuple[str, list[dict]]:
+    """(metric, results) of one of the reference's pair_<metric>.json files; anything else is refused
+    in one line."""
+    name = PAIR_FILE.fullmatch(os.path.basename(path))
+    checks.check(name is not None and name["metric"] in METRICS,
+                 f"{flag} {path}: not a pair file of the reference's test_vs.sh (the name must be "
+                 f"pair_<metric>.json, metric one of {', '.join(METRICS)})")
+    content = checks.read_json(path, flag)
+
+    def refuse(why):
+        raise InputError(f"{flag} {path}: not a pair file of the reference's test_vs.sh ({why})")
+
+    if not isinstance(content, dict):
+        refuse(f"a JSON {type(content).__name__}, not an object")
+    for key in ("model_a", "model_b"):
+        if not isinstance(content.get(key), str):
+            refuse(f"no {key!r} label")
+    results = content.get("results")
+    if not isinstance(results, list) or not results:
+        refuse("no 'results' list of pairs")
+    for index, r in enumerate(results):
+        if not isinstance(r, dict):
+            refuse(f"result {index} is not an object")
+        for key, kind in PAIR_FIELDS.items():
+            if not (is_score(r.get(key)) if kind is float else isinstance(r.get(key), str) and r[key]):
+                refuse(f"result {index} has no {'numeric' if kind is float else 'text'} {key!r}")
+    return name["metric"], results
+
+
+# The same image scored in two of the reference's comparisons (a base model's, say) went through
+# the scorer in other batches, and GPU arithmetic depends on the batch: scores this close are one.
+PAIR_SCORE_TOLERANCE = 1e-3  # relative to max(1, |score|)
+
+
+def read_pair_scores(paths: list[str], flag: str = "--scores_from") -> dict[str, dict[str, PairScore]] | None:
+    """{metric: {image key: PairScore}} from the reference's pair files: both sides of every pair.
+    An image scored in several files keeps the first file's score (in path order) when the others
+    agree within PAIR_SCORE_TOLERANCE, with one line saying by how much they differed; an image given
+    scores further apart, or two prompts, for one metric is refused in one line. None when no path
+    is given."""
+    if not paths:
+        return None
+    table: dict[str, dict[str, PairScore]] = {}
+    largest = {}  # metric: the largest difference accepted
+    for path in pair_files(paths, flag):
+        metric, results = read_pair_file(path, flag)
+        scores = table.setdefault(metric, {})
+        for r in results:
+            for side in ("a", "b"):
+                image, new = r[f"image_{side}"], PairScore(float(r[f"score_{side}"]), r["prompt"], path)
+                old = scores.setdefault(image_key(image), new)
+                gap = abs(old.score - new.score)
+                checks.check(gap <= PAIR_SCORE_TOLERANCE * max(1.0, abs(old.score)),
+                             f"{flag}: image {image} has two {metric} scores: {old.score!r} in {old.path} and "
+                             f"{new.score!r} in {new.path} (more than batch-to-batch rounding apart)")
+                checks.check(old.prompt == new.prompt, f"{flag}: image {image} has two {metric} prompts: "
+                                                       f"{old.prompt!r} in {old.path} and {new.prompt!r} in {new.path}")
+                if gap:
+                    largest[metric] = max(largest.get(metric, 0.0), gap)
+    for metric, gap in sorted(largest.items()):
+        print(f"{flag}: some images have {metric} scores in several pair files that differ by up to {gap:.3g} "
+              f"(the scorer's batches differed); the first file's are used")
+    return table
+
+
+def scores_from_pairs(manifest_path: str, metric: str, records: list[dict],
+                      pair_scores: dict[str, dict[str, PairScore]]) -> tuple[list[dict] | None, str]:
+    """(the manifest's records with their scores from the pair files, a warning that they are
+    unverified) when every record's image (as written, or resolved as resolve_image resolves it) has
+    a score there, given with the record's prompt; else (None, why not)."""
+    scores = pair_scores.get(metric, {})
+    if not scores:
+        return None, f"no pair_{metric}.json among them"
+    found = []
+    for index, r in enumerate(records):
+        entry = scores.get(image_key(r["gen_image_path"]))
+        if entry is None:
+            try:
+                entry = scores.get(os.path.realpath(resolve_image(r["gen_image_path"], manifest_path)))
+            except InputError:
+                pass
+        if entry is None:
+            return None, f"record {index}: image {r['gen_image_path']} is in none of them"
+        found.append(entry)
+    # The same test as for a score file without a record: the records' prompts and scores.
+    scored, why = unrecorded_scores([{"prompt": e.prompt, "gen_image_path": r["gen_image_path"], "score": e.score}
+                                     for r, e in zip(records, found)], records, "score")
+    if scored is None:
+        return None, why
+    files = sorted({e.path for e in found})
+    return scored, (f"warning: {manifest_path}: {metric} scores taken from the reference's pair "
+                    f"file{'s' if len(files) > 1 else ''} {', '.join(files)}: {UNVERIFIED}")
 
 
 def score_manifest(manifest_path: str, metric: str, scorer, records: list[dict], images: list,
@@ -227,14 +382,15 @@ def scorer_factory(metrics, device, batch_size, sources, flag="--source"):
 
 
 def collect_scores(manifests, metrics, device, batch_size, sources, recompute: bool = False,
-                   flags: dict[str, str] | None = None) -> dict[tuple[str, str], list[dict]]:
-    """{(manifest, metric): scored records}. Every manifest and image is checked first; score files
-    whose record matches are reused, the others are recomputed (with a line saying why), and for
-    those each model is loaded once and scores every manifest that needs it. `flags` names the
-    option that gave each manifest, for error messages."""
-    flags = flags or {}
-    records = {m: load_manifest(m, flags.get(m, "manifest")) for m in manifests}
-    images = {m: image_identities(records[m], m, flags.get(m, "manifest")) for m in manifests}
+                   flag_names: dict[str, str] | None = None,
+                   pair_scores: dict | None = None) -> dict[tuple[str, str], list[dict]]:
+    """{(manifest, metric): scored records}. Every manifest and image is checked first; what
+    cached_scores can reuse (score files, the reference's pair files in `pair_scores`) is reused,
+    the rest is scored (with a line saying why), each model loaded once for every manifest that
+    needs it. `flag_names` names the option that gave each manifest, for error messages."""
+    flag_names = flag_names or {}
+    records = {m: load_manifest(m, flag_names.get(m, "manifest")) for m in manifests}
+    images = {m: image_identities(records[m], m, flag_names.get(m, "manifest")) for m in manifests}
     for folder in sorted({os.path.dirname(os.path.abspath(m)) for m in manifests}):
         removed = remove_stale_temps(folder)
         if removed:
@@ -243,7 +399,8 @@ def collect_scores(manifests, metrics, device, batch_size, sources, recompute: b
     scored = {}
     for metric in metrics:
         for m in manifests:
-            scored[(m, metric)], note = cached_scores(m, metric, records[m], images[m], identities[metric], recompute)
+            scored[(m, metric)], note = cached_scores(m, metric, records[m], images[m], identities[metric], recompute,
+                                                      pair_scores)
             if note:
                 print(note)
     missing = [metric for metric in metrics if any(scored[(m, metric)] is None for m in manifests)]
@@ -255,9 +412,9 @@ def collect_scores(manifests, metrics, device, batch_size, sources, recompute: b
 
 
 def score_all(manifests, metrics, device, batch_size, sources, recompute: bool = False,
-              flags: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+              flag_names: dict[str, str] | None = None, pair_scores: dict | None = None) -> dict[str, dict[str, float]]:
     """Mean score per manifest and metric (every manifest holds at least one record)."""
-    scored = collect_scores(manifests, metrics, device, batch_size, sources, recompute, flags)
+    scored = collect_scores(manifests, metrics, device, batch_size, sources, recompute, flag_names, pair_scores)
     return {m: {metric: sum(r["score"] for r in scored[(m, metric)]) / len(scored[(m, metric)])
                 for metric in metrics} for m in manifests}
 
@@ -295,6 +452,13 @@ def check_scoring_flags(metrics, batch_size: int, sources: list[str], batch_flag
     return parse_sources(sources)
 
 
+def add_scores_from_flag(p) -> None:
+    p.add_argument("--scores_from", action="append", default=[], metavar="PATH",
+                   help="the reference's pair_<metric>.json files (test_vs.sh's output), or folders searched for "
+                        "them: per-image scores for manifests without a usable score file, used unverified "
+                        "(repeatable)")
+
+
 def add_scoring_flags(p, batch_flag: str = "--batch_size") -> None:
     p.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
     p.add_argument(batch_flag, type=int, default=16, help="images per scoring batch")
@@ -308,18 +472,22 @@ def main(argv=None):
     p = checks.Parser(prog="python -m eval.score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifests", nargs="+", help="generation manifests (X.json)")
     add_scoring_flags(p)
+    add_scores_from_flag(p)
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--table", default=None, help="markdown table path (default: summary.md beside the first manifest)")
-    p.add_argument("--recompute", action="store_true", help="score everything again, reusing no score file")
+    p.add_argument("--recompute", action="store_true",
+                   help="score everything again, reusing no score file (nor --scores_from)")
     args = p.parse_args(argv)
     sources = check_scoring_flags(args.metrics, args.batch_size, args.source)
-    device = checks.device(args.device)
+    device = flags.device(args.device)
+    pair_scores = read_pair_scores(args.scores_from)
     for m in args.manifests:
         load_manifest(m)  # before anything else is made or loaded
         check_output_dir(os.path.dirname(os.path.abspath(m)), "the manifest's folder (where score files go)")
     path = args.table or os.path.join(os.path.dirname(os.path.abspath(args.manifests[0])), "summary.md")
-    checks.output_file(path, "--table")
-    means = score_all(args.manifests, args.metrics, device, args.batch_size, sources, args.recompute)
+    flags.output_file(path, "--table")
+    means = score_all(args.manifests, args.metrics, device, args.batch_size, sources, args.recompute,
+                      pair_scores=pair_scores)
     print(markdown_table(means, args.metrics))
     json_path = write_table(means, args.metrics, path)
     print(f"table: {path} and {json_path}")

@@ -10,8 +10,10 @@ For each metric:
   and a two-sided sign test p-value (ties left out).
 
 Score files are reused as eval.score reuses them (those without a record of the scorer and images,
-such as the reference's X_image_reward_score.json, with a warning); --recompute scores everything
-again. The reference's pair_<metric>.json files are outputs of its comparison and are not read.
+such as the reference's X_image_reward_score.json, with a warning), and so are the per-image scores
+in the reference's pair_<metric>.json files given with --scores_from (a file, or a folder searched
+for them): a manifest without a usable score file takes them, unverified, with a warning, when they
+hold every one of its images with its prompt. --recompute scores everything again.
 
 Outputs in --outdir (each written atomically):
 - pair_<metric>.json, and summary.json with the macro mean (unweighted over metrics) and the
@@ -36,8 +38,10 @@ from fractions import Fraction
 import numpy as np
 
 from eval import checks
+from sdpo import flags
 from sdpo.files import atomic_path, check_output_dir, remove_stale_temps, write_json_atomic, write_text_atomic
-from eval.score import add_scoring_flags, check_scoring_flags, collect_scores, load_manifest, resolve_image
+from eval.score import (add_scores_from_flag, add_scoring_flags, check_scoring_flags, collect_scores, load_manifest,
+                        read_pair_scores, resolve_image)
 from sdpo.errors import InputError, reports_input_errors
 
 BOOTSTRAP_SAMPLES = 10_000
@@ -225,13 +229,13 @@ def html_page(pair_results: dict[str, dict], summary: dict, outdir: str, manifes
 
 
 def versus(json_a, json_b, label_a, label_b, outdir, metrics, device, batch_size, sources,
-           recompute: bool = False) -> dict:
+           recompute: bool = False, pair_scores: dict | None = None) -> dict:
     for path, flag in ((json_a, "--json_a"), (json_b, "--json_b")):
         load_manifest(path, flag)  # fail early, naming the flag and the file
     check_output_dir(outdir, "--outdir")
     remove_stale_temps(outdir)
     scored = collect_scores([json_a, json_b], metrics, device, batch_size, sources, recompute,
-                            flags={json_a: "--json_a", json_b: "--json_b"})
+                            flag_names={json_a: "--json_a", json_b: "--json_b"}, pair_scores=pair_scores)
     pair_results = {}
     for metric in metrics:
         pair_results[metric] = compare(scored[(json_a, metric)], scored[(json_b, metric)], label_a, label_b)
@@ -254,11 +258,13 @@ def main(argv=None):
     p.add_argument("--label_b", default=None)
     p.add_argument("--outdir", default=None, help="default: versus/<label_a>_vs_<label_b>")
     add_scoring_flags(p)
+    add_scores_from_flag(p)
     p.add_argument("--device", default=None, help="default: cuda if available")
-    p.add_argument("--recompute", action="store_true", help="score everything again, reusing no score file")
+    p.add_argument("--recompute", action="store_true",
+                   help="score everything again, reusing no score file (nor --scores_from)")
     args = p.parse_args(argv)
     sources = check_scoring_flags(args.metrics, args.batch_size, args.source)
-    device = checks.device(args.device)
+    device = flags.device(args.device)
     for flag in ("--label_a", "--label_b"):
         value = getattr(args, flag[2:])
         checks.check(value is None or value.strip() != "", f"{flag}: an empty label")
@@ -267,8 +273,9 @@ def main(argv=None):
     label_a = args.label_a or os.path.splitext(os.path.basename(args.json_a))[0] + "_A"
     label_b = args.label_b or os.path.splitext(os.path.basename(args.json_b))[0] + "_B"
     outdir = args.outdir or os.path.join("versus", f"{label_a}_vs_{label_b}".replace(os.sep, "_"))
+    pair_scores = read_pair_scores(args.scores_from)
     return versus(args.json_a, args.json_b, label_a, label_b, outdir, args.metrics, device, args.batch_size,
-                  sources, args.recompute)
+                  sources, args.recompute, pair_scores)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,8 @@ def cache_settings(args, vae_dtype: torch.dtype, tokenizers) -> dict:
 def encode_rows(data, rows, args, vae, tokenizers, encode_batch_size: int):
     """The tensors of one shard: for each row, both images (jpg_0, jpg_1) at the center crop,
     unflipped and flipped, through the VAE."""
-    from sdpo.data import IMAGE_COLUMNS, UnreadableImage, caption_text, decode_image, resize_and_crop, to_tensor
+    from sdpo.data import (IMAGE_COLUMNS, LABEL_COLUMN, UnreadableImage, caption_text, decode_image,
+                           resize_and_crop, to_tensor)
 
     images, readable, sizes, captions = [], [], [], []
     for row in rows:
@@ -110,7 +111,7 @@ def encode_rows(data, rows, args, vae, tokenizers, encode_batch_size: int):
             stds.append(dist.std.cpu())
     shape = (len(rows), 2, 2, *means[0].shape[1:])  # row, image (jpg_0, jpg_1), flip (no, yes), C, h, w
     tensors = {"row": torch.tensor(rows, dtype=torch.int64), "readable": torch.tensor(readable, dtype=torch.uint8),
-               "label": torch.tensor([float(data[r]["label_0"]) for r in rows], dtype=torch.float64),
+               "label": torch.tensor([float(data[r][LABEL_COLUMN]) for r in rows], dtype=torch.float64),
                "original_size": torch.tensor(sizes, dtype=torch.int32),
                "mean": torch.cat(means).reshape(shape).contiguous(), "std": torch.cat(stds).reshape(shape).contiguous()}
     for n, tokenizer in enumerate(tokenizers):
@@ -123,7 +124,7 @@ def build(args) -> str:
     """Build (or finish) the cache in args.output_dir; returns the manifest's path."""
     from tqdm.auto import tqdm
 
-    from sdpo.data import decided_rows, load_pairs
+    from sdpo.data import LABEL_COLUMN, decided_rows, load_pairs
 
     check_output_dir(args.output_dir, "--output_dir")
     models.check_source(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
@@ -156,7 +157,7 @@ def build(args) -> str:
     for name in remove_stale_temps(args.output_dir):
         logger.info("removed %s, left by a killed build", name)
     data = load_pairs(args, args.split)
-    rows, ties = decided_rows(data["label_0"])
+    rows, ties = decided_rows(data[LABEL_COLUMN])
     if not rows:
         raise InputError(f"dataset {args.dataset_name!r} has no pair with a decided label (all {ties} are ties)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -333,14 +334,13 @@ def parse_args(argv=None):
 
 def check_args(args) -> None:
     """Refuse a value the build cannot use, in one line that names the flag, before any model or data loads."""
-    from sdpo.flags import device, no_empty_values
+    from sdpo.flags import device, image_size, no_empty_values
 
     no_empty_values(args)
     if args.random_crop:
         raise InputError("--random_crop: a latent cache holds one crop per image (the center crop); train from the "
                          "images for random crops")
-    if args.resolution % 8 or args.resolution < 8:
-        raise InputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    image_size(args.resolution, "--resolution")
     if args.shard_pairs < 1:
         raise InputError(f"--shard_pairs must be >= 1, got {args.shard_pairs}")
     if args.encode_batch_size < 2 or args.encode_batch_size % 2:

@@ -205,6 +205,8 @@ RESULT_LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "dataset
 
 
 def library_versions() -> dict[str, str | None]:
+    """The installed versions of RESULT_LIBRARIES, torch with its build tag (+cpu, +cu130, ...), and
+    the CUDA and cuDNN versions torch was built with."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
@@ -213,6 +215,9 @@ def library_versions() -> dict[str, str | None]:
             found[name] = version(name)
         except PackageNotFoundError:
             found[name] = None
+    found["torch"] = torch.__version__
+    found["cuda"] = torch.version.cuda
+    found["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return found
 
 
@@ -278,6 +283,12 @@ def check_same_settings(resume_path: str, recorded: dict | None, now: dict) -> N
         more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
         raise InputError(f"--resume_from_checkpoint: {resume_path} was written with other settings: {shown}{more}. "
                          f"Resume with the same settings, or start afresh with another --output_dir")
+
+
+def check_resumable(resume_path: str | None, resume_state: dict | None, config: dict) -> None:
+    """A run that resumes must have the result-changing settings of the checkpoint it resumes."""
+    if resume_path:
+        check_same_settings(resume_path, resume_state.get("settings"), result_settings(config))
 
 
 def write_model_card(config: dict, step: int, num_pairs, path: str) -> None:

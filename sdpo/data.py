@@ -127,6 +127,12 @@ def _schema_difference(a, b) -> str | None:
 TEXT_TYPES = ("string", "large_string", "null")  # null: a column of missing captions, each read as ""
 
 
+def is_text_type(name: str) -> bool:
+    """Whether a column type (as column_types names it) holds text: strings, dictionary-encoded
+    strings (as some parquet writers store repeated captions), or only nulls."""
+    return name in TEXT_TYPES or any(name.startswith(f"dictionary<values={t},") for t in TEXT_TYPES[:2])
+
+
 def column_types(data) -> dict[str, str] | None:
     """{column: type name} of a `datasets` split or an arrow schema (e.g. 'string', 'binary',
     'int64', 'Image'); None when a stream does not know its features."""
@@ -150,7 +156,7 @@ def check_columns(column_names, name: str, caption_column: str = "caption", type
                 f"preference data needs {', '.join(required)}"
             )
     found = (types or {}).get(caption_column)
-    if found is not None and found not in TEXT_TYPES:
+    if found is not None and not is_text_type(found):
         raise InputError(f"dataset {name!r}: the caption column {caption_column!r} holds {found}, not text; "
                          f"convert it to strings, or name the text column with --caption_column")
 
@@ -272,7 +278,7 @@ class PairTransform:
     def __call__(self, row: dict, rng: random.Random, jpg_1_wins: bool | None = None) -> dict:
         """`jpg_1_wins` overrides label_0 (AI feedback: a reward model's choice)."""
         if jpg_1_wins is None:
-            jpg_1_wins = row["label_0"] != 1
+            jpg_1_wins = row[LABEL_COLUMN] != 1
         first, second = ("jpg_1", "jpg_0") if jpg_1_wins else ("jpg_0", "jpg_1")
         columns = (first,) if self.winners_only else (first, second)
         images = [decode_image(row[c]) for c in columns]
@@ -418,7 +424,7 @@ class StreamingPairs(torch.utils.data.IterableDataset):
             rows = ties = usable = 0
             for row_number, row in enumerate(stream):
                 rows += 1
-                label = row["label_0"]
+                label = row[LABEL_COLUMN]
                 if label == 0.5:
                     ties += 1
                     continue
@@ -540,9 +546,8 @@ def load_pairs(args, split: str, streaming: bool = False, flag: str = "--split")
         if first is None:
             raise InputError(f"dataset {args.dataset_name!r} (split {split!r}) is empty")
         column_names = list(first.keys())
-        caption = first.get(args.caption_column)
-        types = {args.caption_column: "string" if caption is None or isinstance(caption, str)
-                 else type(caption).__name__}
+        check_columns(column_names, args.dataset_name, args.caption_column)
+        caption_text(first[args.caption_column], args.caption_column)  # text, or one line saying it is not
     check_columns(column_names, args.dataset_name, args.caption_column, types)
     if not streaming and len(data) == 0:
         raise InputError(f"dataset {args.dataset_name!r} (split {split!r}) is empty")
@@ -567,16 +572,30 @@ def validation_transform(args) -> PairTransform:
                          winners_only=args.train_method == "sft", caption_column=args.caption_column)
 
 
+def plan_rows(args, labels, held_labels=None) -> tuple[list[int], list[int] | None]:
+    """(training rows, held-out rows or None) of the split from its label column: ties dropped,
+    --validation_pairs held out, then --max_train_samples; with --validation_split, the held-out
+    rows are the first ones of that split (whose labels are `held_labels`)."""
+    rows, held = split_rows(usable_rows(labels, args.dataset_name, args.split), args)
+    if held_labels is not None:
+        held = validation_split_rows(held_labels, args)
+    return rows, held
+
+
 def check_data(args, world_size: int, cache=None) -> None:
     """What build_dataloader finds wrong, found without building it and without writing anything
-    (no `datasets` Arrow cache, which for the full Pick-a-Pic is a conversion of the whole set):
-    a local copy's columns, types and labels are read from its parquet files alone (the footers and
-    the label column); a hub dataset is looked at through the first row of a stream."""
+    (no `datasets` Arrow cache, which for the full Pick-a-Pic is a conversion of the whole set).
+
+    A local copy is read from its parquet files alone (the footers and the label column), so
+    everything is checked: columns, types, labels, the held-out pairs, at least one batch. A hub
+    dataset is looked at through the first row of a stream: its columns and the caption's type;
+    its labels and size are checked when the run loads it."""
     import pyarrow.parquet as pq
 
     def labels_of(split: str, flag: str):
         files = local_files(args.dataset_name, split, args.train_data_dir, args.dataset_config_name, flag)
         if files is None:
+            load_pairs(args, split, streaming=True, flag=flag)  # the columns, from the first row
             return None
         _check_parquet(files, args.dataset_name, split)
         schema = pq.read_schema(files[0])
@@ -584,20 +603,17 @@ def check_data(args, world_size: int, cache=None) -> None:
         return [label for f in files for label in pq.read_table(f, columns=[LABEL_COLUMN])[LABEL_COLUMN].to_pylist()]
 
     if cache is not None:
-        rows = cache.rows()
+        rows, _ = split_rows(cache.rows(), args)
     else:
         labels = labels_of(args.split, "--split")
-        if labels is None or args.streaming:
-            load_pairs(args, args.split, streaming=True)  # the columns, from the first row
-            return
-        rows = usable_rows(labels, args.dataset_name, args.split)
+        held = None
         if args.validation_pairs and args.validation_split:
             held = labels_of(args.validation_split, "--validation_split")
-            if held is None:
-                load_pairs(args, args.validation_split, streaming=True, flag="--validation_split")
-            else:
-                validation_split_rows(held, args)
-    rows, _ = split_rows(rows, args)
+        if labels is None:
+            return
+        rows, _ = plan_rows(args, labels, held)
+        if args.streaming:  # a stream makes its batches across epochs: any usable pair will do
+            return
     PairBatchSampler(len(rows), args.train_batch_size, args.seed, 0, world_size)  # at least one batch
 
 
@@ -621,11 +637,9 @@ def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int
         caption_column=args.caption_column,
     )
     data = load_pairs(args, args.split, args.streaming)
-    validation = None
+    held_data = None
     if args.validation_pairs and args.validation_split:
         held_data = load_pairs(args, args.validation_split, flag="--validation_split")
-        held_rows = validation_split_rows(held_data[LABEL_COLUMN], args)
-        validation = PairDataset(held_data, held_rows, validation_transform(args), args.seed)
 
     if args.streaming:
         from datasets.distributed import split_dataset_by_node
@@ -644,12 +658,17 @@ def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int
                                              num_workers=0,
                                              generator=torch.Generator().manual_seed(args.seed),
                                              pin_memory=torch.cuda.is_available())
+        validation = None  # (--validation_pairs needs --validation_split when streaming)
+        if held_data is not None:
+            validation = PairDataset(held_data, validation_split_rows(held_data[LABEL_COLUMN], args),
+                                     validation_transform(args), args.seed)
         return loader, None, validation
 
-    rows = usable_rows(data[LABEL_COLUMN], args.dataset_name, args.split)
-    rows, held_rows = split_rows(rows, args)
+    rows, held_rows = plan_rows(args, data[LABEL_COLUMN], None if held_data is None else held_data[LABEL_COLUMN])
+    validation = None
     if held_rows is not None:
-        validation = PairDataset(data, held_rows, validation_transform(args), args.seed)
+        validation = PairDataset(data if held_data is None else held_data, held_rows, validation_transform(args),
+                                 args.seed)
     dataset = PairDataset(data, rows, transform, args.seed)
     return _loader(args, dataset, rank, world_size, start_micro_batch), len(dataset), validation
 

@@ -11,6 +11,21 @@ from sdpo.errors import InputError
 from sdpo.files import check_output_dir
 
 
+MAX_IMAGE_SIZE = 8192  # pixels per side; SD1.5 is trained at 512, SDXL at 1024
+
+
+def image_size(value: int, flag: str) -> int:
+    """A resolution, height or width: a positive multiple of 8, what the Stable Diffusion VAEs need
+    (they downsample by 8; the latent must have whole pixels), and at most MAX_IMAGE_SIZE: far
+    beyond what these models run at, where a typo (an extra zero) would only fail after the models
+    loaded, out of memory."""
+    if value < 8 or value % 8:
+        raise InputError(f"{flag} must be a positive multiple of 8 (the VAE downsamples by 8), got {value}")
+    if value > MAX_IMAGE_SIZE:
+        raise InputError(f"{flag} must be at most {MAX_IMAGE_SIZE} (SD1.5 is trained at 512, SDXL at 1024), got {value}")
+    return value
+
+
 def no_empty_values(args: argparse.Namespace, positional=(), allowed=()) -> None:
     """No string value, alone or in a list, may be empty or blank: "" reads as "not given" in too
     many places (a default taken silently, the current folder taken as a path). `positional` names

@@ -56,6 +56,10 @@ def files(tmp_path_factory):
               open(d / "missing_image.json", "w"))
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
     json.dump([{**manifest[0], "gen_image_path": str(d / "broken.png")}], open(d / "broken_image.json", "w"))
+    (d / "pairs").mkdir()  # the reference's pair files: one without labels, one truncated
+    json.dump({"results": [{"prompt": "a red cat", "image_a": "a.png", "image_b": "b.png", "score_a": 1.0,
+                            "score_b": 0.5, "winner": "A"}]}, open(d / "pairs" / "pair_clip.json", "w"))
+    (d / "pairs" / "pair_hpsv2.json").write_text('{"model_a": "A", "model_b": "B", "results": [{"pro')
     return {k: str(v) for k, v in {
         "dir": d, "suite": d / "prompts" / "papv2.json", "prompts_dir": d / "prompts", "manifest": d / "run.json",
         "file": d / "a_file"}.items()}
@@ -236,6 +240,15 @@ CASES = [
     ("score", lambda c: sc(c, "--table", os.path.join(c["files"]["file"], "t.md")), "--table",
      "a file is in the way"),
     ("score", lambda c: sc(c, "--table", ""), "--table", "empty"),
+    # eval.score and eval.versus: the reference's pair files (--scores_from)
+    ("score", lambda c: sc(c, "--scores_from", ""), "--scores_from", "empty"),
+    ("score", lambda c: sc(c, "--scores_from", j(c, "pair_clip.json")), "--scores_from", "no such file"),
+    ("score", lambda c: sc(c, "--scores_from", c["files"]["prompts_dir"]), "--scores_from",
+     "no pair_<metric>.json file under"),
+    ("score", lambda c: sc(c, "--scores_from", c["files"]["manifest"]), "--scores_from", "the name must be"),
+    ("score", lambda c: sc(c, "--scores_from", j(c, "pairs")), "--scores_from", "no 'model_a' label"),
+    ("versus", lambda c: vs(c, "--scores_from", j(c, "pairs/pair_hpsv2.json")), "--scores_from", "not valid JSON"),
+    ("versus", lambda c: vs(c, "--scores_from"), "--scores_from", "expected one argument"),
     # eval.score: model sources, checked before loading
     ("score", lambda c: sc(c, "--source", "clip"), "--source", "METRIC.FIELD=VALUE"),
     ("score", lambda c: sc(c, "--source", "fid.model=x"), "--source", "METRIC.FIELD=VALUE"),

@@ -141,6 +141,20 @@ BAD_SETTINGS = [
     (["--dataset_name", ""], ["--dataset_name is empty"]),
     (["--revision", ""], ["--revision is empty"]),
     (["--latent_cache", "{file}"], ["--latent_cache", "not a complete latent cache"]),
+    (["--validation_steps", "-1"], ["--validation_steps must be >= 0"]),
+    (["--num_validation_images", "-1"], ["--num_validation_images must be >= 0"]),
+    (["--adam_weight_decay", "-1"], ["--adam_weight_decay must be >= 0"]),
+    (["--adam_weight_decay", "nan"], ["--adam_weight_decay must be a finite number"]),
+    (["--adam_beta2", "1"], ["--adam_beta1 and --adam_beta2 must lie in [0, 1)"]),
+    (["--use_winner_preserving", "--winner_preserving_mu", "nan"], ["--winner_preserving_mu must lie in [0, 1]"]),
+    (["--choice_model", "clip", "--choice_model_source", "nonsense"], ["--choice_model_source", "nonsense"]),
+    (["--choice_model", "clip", "--choice_model_source", "clip.nofield=x"], ["--choice_model_source", "nofield"]),
+    (["--report_to", "wandb"], ["--report_to wandb: wandb is not installed"]),
+    (["--tracker_project_name", ""], ["--tracker_project_name is empty"]),
+    (["--train_data_dir", ""], ["--train_data_dir is empty"]),
+    (["--dataset_revision", ""], ["--dataset_revision is empty"]),
+    (["--dataset_config_name", ""], ["--dataset_config_name is empty"]),
+    (["--resolution", "16384"], ["--resolution must be at most 8192"]),
 ]
 
 
@@ -284,7 +298,8 @@ def test_check_only_writes_nothing(tiny, tmp_path):
     (for the full Pick-a-Pic that would be a conversion of the whole set)."""
     out, hf_home = tmp_path / "out", tmp_path / "hf"
     env = {**os.environ, "PYTHONPATH": ROOT, "HF_HOME": str(hf_home), "HF_DATASETS_CACHE": str(hf_home / "datasets")}
-    args = tiny_train_args(tiny["sd15"], tiny["data"], str(out), "--validation_pairs", "4", "--check_only")
+    args = tiny_train_args(tiny["sd15"], tiny["data"], str(out), "--validation_pairs", "4", "--report_to",
+                           "tensorboard", "--check_only")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
                             env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -616,7 +631,7 @@ def test_fp16_gradient_scaler_paths():
     run = types.SimpleNamespace(
         args=types.SimpleNamespace(gradient_accumulation_steps=1, max_grad_norm=1.0), accelerator=Accelerator(),
         unet=model, optimizer=Optimizer(), lr_scheduler=torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 1.0),
-        loss=lambda batch: (next(losses)(model(torch.ones(2, 3))), {}))
+        compute_loss=lambda batch: (next(losses)(model(torch.ones(2, 3))), {}))
     batches = iter(range(3))
     before = model.weight.detach().clone()
     _, status = train.train_step(run, batches)
