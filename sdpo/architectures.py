@@ -72,3 +72,21 @@ def build(arch: str, with_reference: bool = True, device: str | torch.device = "
         encoders, autoencoder, policy = text_encoders(arch), vae(arch), unet(arch)
     reference = copy.deepcopy(policy) if with_reference else None
     return tokenizers(arch), encoders, autoencoder, policy, reference
+
+
+def save_pipeline(arch: str, folder: str, seed: int = 0) -> str:
+    """The architecture with random weights, saved as a pipeline folder in the hub layout (what
+    train.py, the reference's train.py and diffusers' pipelines load); SD1.5 is about 4 GB."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    toks, encoders, autoencoder, policy, _ = build(arch, with_reference=False, seed=seed)
+    scheduler = DDPMScheduler.from_config(config(arch, "scheduler"))
+    if arch == "sd15":
+        pipe = StableDiffusionPipeline(vae=autoencoder, text_encoder=encoders[0], tokenizer=toks[0], unet=policy,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    else:
+        pipe = StableDiffusionXLPipeline(vae=autoencoder, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                                         tokenizer=toks[0], tokenizer_2=toks[1], unet=policy, scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    return folder
