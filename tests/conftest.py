@@ -13,6 +13,16 @@ for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "P
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def _pytest_keeps_glibc_defaults(monkeypatch):
+    """train.py and bench.py run in this process keep glibc's default allocator (their
+    --host_memory reuse would hold this process at its peak for the rest of the suite);
+    tests/test_host_memory.py checks the setting in processes of its own, and launched runs apply it."""
+    from sdpo import host_memory
+
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """Tiny random SD1.5 and SDXL pipelines and a synthetic Pick-a-Pic dataset, built once."""

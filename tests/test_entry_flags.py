@@ -1,7 +1,8 @@
 """Every wrong value given to an entry point ends the same way: exit status 2, a last stderr line
 `error: ...` that names the flag (or the launcher's variable), no traceback, and no model loaded
 first. One table: bench.py, demo.py, python -m sdpo.cache (and scripts/cache_latents.sh),
-scripts/plot_run.py, scripts/loss_precision.py and the train launchers' environment."""
+scripts/plot_run.py, scripts/loss_precision.py, scripts/compare_reference.py and the train
+launchers' environment."""
 
 import importlib.util
 import os
@@ -26,7 +27,8 @@ def script(name):
 
 
 MAINS = {"bench.py": bench.main, "demo.py": demo.main, "python -m sdpo.cache": sdpo.cache.main,
-         "scripts/plot_run.py": script("plot_run").main, "scripts/loss_precision.py": script("loss_precision").main}
+         "scripts/plot_run.py": script("plot_run").main, "scripts/loss_precision.py": script("loss_precision").main,
+         "scripts/compare_reference.py": script("compare_reference").main}
 LAUNCH_VARIABLES = ("MODEL_NAME", "DATASET_NAME", "OUTPUT_DIR", "NUM_GPUS", "VAE_NAME")
 # What the placeholders name: {file} a plain file, {missing} a path that does not exist, {empty} an
 # empty folder, {tmp} a fresh folder, {run} a folder holding a metrics.jsonl, {sd15} {sdxl} {data} the tiny ones.
@@ -71,10 +73,10 @@ ROWS = [
     ("bench.py", ["--pretrained", "{empty}", "--count_only"], "--pretrained: cannot read the configs"),
     ("bench.py", ["--mode", "loader", "--latent_cache"], "--latent_cache has no effect with --mode loader"),
     ("bench.py", ["--mode", "sample", "--compile"], "--compile has no effect with --mode sample"),
-    ("bench.py", ["--mode", "sample", "--compare", "reference"], "--compare has no effect with --mode sample"),
+    ("bench.py", ["--mode", "sample", "--compare", "reference-settings"], "--compare has no effect with --mode sample"),
     ("bench.py", ["--mode", "loader", "--count_only"], "--count_only has no effect with --mode loader"),
     ("bench.py", ["--mode", "loader", "--pretrained", "{sd15}"], "--pretrained has no effect with --mode loader"),
-    ("bench.py", ["--count_only", "--compare", "reference"], "drop --count_only"),
+    ("bench.py", ["--count_only", "--compare", "reference-settings"], "drop --count_only"),
     # demo.py
     ("demo.py", ["--steps", "0"], "--steps must be >= 1, got 0"),
     ("demo.py", ["--steps", "x"], "argument --steps: invalid int value"),
@@ -135,6 +137,32 @@ ROWS = [
     ("scripts/plot_run.py", ["{run}", "--out", "{tmp}"], "--out {tmp}: a folder, not a file"),
     ("scripts/plot_run.py", ["{run}", "--out", "{tmp}/curves.txt"], "the name must end in one of"),
     ("scripts/plot_run.py", ["{run}", "--out", "{file}/curves.png"], "a file is in the way"),
+    # scripts/compare_reference.py ({tmp} holds no train.py: each row fails before the clone is looked at)
+    ("scripts/compare_reference.py", [], "the following arguments are required: --reference"),
+    ("scripts/compare_reference.py", ["--reference", "{tmp}"], "--reference {tmp}: no train.py there"),
+    ("scripts/compare_reference.py", ["--reference", "{missing}"], "--reference {missing}: no train.py there"),
+    ("scripts/compare_reference.py", ["--reference", ""], f"--reference {EMPTY}"),
+    ("scripts/compare_reference.py", ["--reference", "{tmp}", "--arch", "sd3"], "argument --arch: invalid choice"),
+    ("scripts/compare_reference.py", ["--reference", "{tmp}", "--resolution", "30"],
+     "--resolution must be a positive multiple of 8"),
+    ("scripts/compare_reference.py", ["--reference", "{tmp}", "--resolution", "16384"], "--resolution must be at most 8192"),
+    ("scripts/compare_reference.py", ["--reference", "{tmp}", "--pairs", "1"], "--pairs must be >= 2, got 1"),
+    ("scripts/compare_reference.py", ["--reference", "{tmp}", "--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+    ("scripts/compare_reference.py", ["--reference", "{tmp}", "--pairs", "6", "--batch_size", "4"],
+     "--pairs 6 is less than one step's two micro-batches of --batch_size 4"),
+    ("scripts/compare_reference.py", ["--reference", "{tmp}", "--steps", "1"], "--steps must be >= 2, got 1"),
+    ("scripts/compare_reference.py", ["--reference", "{tmp}", "--runs", "0"], "--runs must be >= 1, got 0"),
+    ("scripts/compare_reference.py", ["--reference", "{tmp}", "--skip", "-1"], "--skip must be >= 0, got -1"),
+    ("scripts/compare_reference.py", ["--reference", "{tmp}", "--steps", "4", "--skip", "3"],
+     "--skip 3 leaves no step of 4 to time"),
+    ("scripts/compare_reference.py", ["--reference", "{tmp}", "--mixed_precision", "fp8"],
+     "argument --mixed_precision: invalid choice"),
+    ("scripts/compare_reference.py", ["--reference", "{tmp}", "--reference_host_memory", "keep"],
+     "argument --reference_host_memory: invalid choice"),
+    ("scripts/compare_reference.py", ["--only", "ours", "--reference", "x", "--work", "{file}"],
+     "--work {file}: a file is in the way"),
+    ("scripts/compare_reference.py", ["--only", "ours", "--reference", "x", "--work", "{tmp}/w", "--json", ""], f"--json {EMPTY}"),
+    ("scripts/compare_reference.py", ["--only", "ours", "--reference", "x", "--work", "{tmp}/w", "--json", "{tmp}"], "--json {tmp}: a folder, not a file"),
     # scripts/loss_precision.py
     ("scripts/loss_precision.py", ["--pairs", "0"], "--pairs must be a positive multiple of 8, got 0"),
     ("scripts/loss_precision.py", ["--pairs", "12"], "--pairs must be a positive multiple of 8, got 12"),
@@ -197,7 +225,8 @@ def test_entry_points_run_as_files_from_anywhere(tmp_path):
     """`python path/to/X.py --help` from another folder without PYTHONPATH, as `python -m sdpo.X`
     works from the root (the eval commands have their own test in test_eval_inputs.py)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    for path in ("train.py", "bench.py", "demo.py", "sdpo/cache.py", "sdpo/tiny.py", "scripts/plot_run.py"):
+    for path in ("train.py", "bench.py", "demo.py", "sdpo/cache.py", "sdpo/tiny.py", "scripts/plot_run.py",
+                 "scripts/compare_reference.py"):
         result = subprocess.run([sys.executable, os.path.join(ROOT, path), "--help"], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=300, env=env)
         assert result.returncode == 0 and "usage:" in result.stdout, (path, result.stderr[-2000:])

@@ -611,16 +611,31 @@ def test_compile_trains_like_eager(tiny, tmp_path, monkeypatch):
     try:
         compiled = run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "compiled"), *common,
                                                   "--compile"))
+        picked = cpu_vec_isa.pick_vec_isa()  # what the kernels were built for, the probe failing
     finally:
         cpu_vec_isa.valid_vec_isa_list.cache_clear()
         cpu_vec_isa.VecISA._VecISA__bool__impl.cache_clear()
     assert counters["stats"]["unique_graphs"] >= 2  # the policy and the reference UNet went through dynamo
+    # Without the fix a failed probe leaves no vector ISA (scalar kernels: a first loss of 0.69292).
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if any(f" {isa}" in flags for isa in ("avx2", "avx512f", "asimd")):
+        assert picked, "inductor fell back to scalar kernels when its probe failed"
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "compiled" / "metrics.jsonl")]
-    assert losses[0] == pytest.approx(math.log(2), abs=1e-7)  # policy == reference at the start
-    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+    # Policy == reference at the start, but the policy runs a compiled training graph and the
+    # reference a compiled inference graph, fused apart: their last bits may differ, by CPU (exactly
+    # log 2 on one AVX-512 machine, 0.69322 on an AMD EPYC with AVX-512).
+    assert losses[0] == pytest.approx(math.log(2), abs=2e-4)
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-3)
     a, b = unet_weights(tmp_path / "eager" / "unet"), unet_weights(tmp_path / "compiled" / "unet")
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
+    # The two steps moved the weights the same way: Adam's normalised update can flip on an element
+    # whose gradient is near zero (one such element here differs by 2 lr), so the updates are
+    # compared as wholes, not element by element.
+    base = unet_weights(os.path.join(tiny["sd15"], "unet"))
+    eager_update = torch.cat([(a[k] - base[k]).flatten() for k in sorted(a)])
+    compiled_update = torch.cat([(b[k] - base[k]).flatten() for k in sorted(a)])
+    assert torch.nn.functional.cosine_similarity(eager_update, compiled_update, dim=0) > 0.999
+    assert compiled_update.norm() == pytest.approx(eager_update.norm().item(), rel=1e-3)
+    assert (compiled_update - eager_update).abs().gt(1e-5).float().mean() < 1e-3  # all but a few elements agree
     saved = unet_weights(tmp_path / "compiled" / "checkpoint-2" / "unet")
     assert not any("_orig_mod" in k for k in saved)

@@ -124,6 +124,7 @@ BAD_SETTINGS = [
     (["--max_grad_norm", "nan"], ["--max_grad_norm must be >= 0"]),
     (["--resolution", "abc"], ["--resolution", "invalid int value"]),
     (["--mixed_precision", "fp8"], ["--mixed_precision", "invalid choice"]),
+    (["--host_memory", "keep"], ["--host_memory", "invalid choice"]),
     (["--sdxl_true_time_ids"], ["--sdxl_true_time_ids needs --sdxl"]),
     (["--streaming", "--validation_pairs", "2"], ["--validation_pairs needs a map-style dataset"]),
     (["--latent_cache", "somewhere", "--random_crop"], ["--latent_cache cannot be combined with --random_crop"]),
