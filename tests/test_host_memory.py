@@ -19,6 +19,8 @@ from tests.test_train import dry_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 2**20
+ALLOCATOR_SETTINGS = ("GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_",
+                      "THP_MEM_ALLOC_ENABLE")  # the probe measures glibc's and torch's defaults, not a user's
 
 PROBE = r"""
 import ctypes, json, resource, sys
@@ -47,7 +49,8 @@ print(json.dumps({"applied": applied, "own_mappings": held["mapped_chunks"] - be
 
 def probe(mode):
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
-                         cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+                         cwd=ROOT, env={**{k: v for k, v in os.environ.items() if k not in ALLOCATOR_SETTINGS},
+                                        "PYTHONPATH": ROOT})
     return json.loads(out.stdout)
 
 

@@ -617,7 +617,10 @@ def test_compile_trains_like_eager(tiny, tmp_path, monkeypatch):
         cpu_vec_isa.VecISA._VecISA__bool__impl.cache_clear()
     assert counters["stats"]["unique_graphs"] >= 2  # the policy and the reference UNet went through dynamo
     # Without the fix a failed probe leaves no vector ISA (scalar kernels: a first loss of 0.69292).
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    flags = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
     if any(f" {isa}" in flags for isa in ("avx2", "avx512f", "asimd")):
         assert picked, "inductor fell back to scalar kernels when its probe failed"
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "compiled" / "metrics.jsonl")]
