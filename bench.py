@@ -82,6 +82,10 @@ def parse_args(argv=None):
     p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--latent_cache", action="store_true", help="batches of cached latents: no VAE in the step")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets (train.py --compile)")
+    p.add_argument("--use_lora", action="store_true",
+                   help="LoRA adapters on the frozen UNet, the base with adapters off as the reference (train.py --use_lora)")
+    p.add_argument("--lora_rank", type=int, default=8, help="LoRA rank (train.py --lora_rank)")
+    p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (a CUDA GPU)")
     p.add_argument("--compare", choices=["reference-settings"], default=None,
                    help="also time our step with the reference's settings (images encoded every step, its loss "
                         "precision, no compile) and print the speed-up: our code both times; the reference's own "
@@ -127,6 +131,17 @@ def check_args(args) -> None:
                         ("count_only", ("train", "sample")), ("pretrained", ("train", "sample"))):
         if getattr(args, flag) and args.mode not in modes:
             raise InputError(f"--{flag} has no effect with --mode {args.mode} (only with --mode {' or '.join(modes)})")
+    if args.lora_rank < 1:
+        raise InputError(f"--lora_rank must be >= 1, got {args.lora_rank}")
+    for flag in ("use_lora", "use_8bit_adam"):
+        if getattr(args, flag) and args.mode != "train":
+            raise InputError(f"--{flag} has no effect with --mode {args.mode} (only with --mode train)")
+    if args.use_8bit_adam:
+        if args.use_adafactor:
+            raise InputError("--use_8bit_adam and Adafactor exclude each other (SDXL uses Adafactor by default: add "
+                             "--no-use_adafactor)")
+        if not args.count_only:
+            train.check_8bit_adam()
     if args.compare and args.count_only:
         raise InputError("--compare reference-settings times both configurations: drop --count_only")
     device(args.device)
@@ -165,6 +180,10 @@ def train_args(args, *, latent_cache: bool, loss_precision: str, compile_: bool)
         argv.append("--sdxl")
     if compile_:
         argv.append("--compile")
+    if args.use_lora:
+        argv += ["--use_lora", "--lora_rank", str(args.lora_rank)]
+    if args.use_8bit_adam:
+        argv.append("--use_8bit_adam")
     if latent_cache:
         argv += ["--latent_cache", "<synthetic>"]
     return train.Settings(train.parse_args(argv))
@@ -234,8 +253,9 @@ def model_parts(args, device):
     with random weights, or a local pipeline (on the meta device, from its configs alone)."""
     import copy
 
+    separate_reference = args.train_method != "sft" and not args.use_lora  # LoRA: the base with adapters off
     if not args.pretrained:
-        return architectures.build(args.arch, with_reference=args.train_method != "sft", device=device)
+        return architectures.build(args.arch, with_reference=separate_reference, device=device)
     sdxl = args.arch == "sdxl"
     if str(device) == "meta":
         tokenizers, encoders, vae, unet = models.meta_pipeline(args.pretrained, sdxl, "--pretrained")
@@ -243,7 +263,7 @@ def model_parts(args, device):
         tokenizers, encoders = models.load_text_side(args.pretrained, sdxl, "--pretrained")
         vae = models.load_vae(args.pretrained, None, flag="--pretrained")
         unet = models.load_unet("base", args.pretrained, base_flag="--pretrained")
-    return tokenizers, encoders, vae, unet, None if args.train_method == "sft" else copy.deepcopy(unet)
+    return tokenizers, encoders, vae, unet, copy.deepcopy(unet) if separate_reference else None
 
 
 def count_flops(run, batches) -> dict:
@@ -259,10 +279,18 @@ def count_flops(run, batches) -> dict:
     checkpointing = unet.is_gradient_checkpointing
     if checkpointing:
         unet.disable_gradient_checkpointing()
-    ref = run.ref_unet
-    if ref is not None:  # a class name of its own, so that the counter keeps the two UNets apart
-        ref.__class__ = type("ReferenceUNet", (type(ref),), {})
     micro = run.compute_loss
+    reference_flops = []
+    if micro.reference is not None:  # counted apart: with LoRA it is the policy's own module
+        reference = micro.reference
+
+        def counted_reference(*args, **kwargs):
+            with FlopCounterMode(display=False) as inner:
+                out = reference(*args, **kwargs)
+            reference_flops.append(inner.get_total_flops())
+            return out
+
+        micro.reference = counted_reference
     vae_flops = []
     if micro.vae is not None:  # encode() is not forward(): count it with a counter of its own
         encode = micro.vae.encode
@@ -288,6 +316,8 @@ def count_flops(run, batches) -> dict:
             unet.enable_gradient_checkpointing()
         if micro.vae is not None:
             del micro.vae.encode
+        micro.reference = run.reference
+
     def by_module(flop_counter):
         return {name: sum(ops.values()) for name, ops in flop_counter.get_flop_counts().items() if "." not in name}
 
@@ -297,11 +327,13 @@ def count_flops(run, batches) -> dict:
     per_parameter = OPTIMIZER_FLOPS_PER_PARAMETER[type(optimizer).__name__] + GRAD_NORM_FLOPS_PER_PARAMETER
     parts = {"vae": sum(vae_flops),
              "text": modules.get("CLIPTextModel", 0) + modules.get("CLIPTextModelWithProjection", 0),
-             "policy": modules.get("UNet2DConditionModel", 0),
-             "reference": modules.get("ReferenceUNet", 0),
+             "policy": modules.get("UNet2DConditionModel", 0) - sum(reference_flops),
+             "reference": sum(reference_flops),
              "optimizer": optimizer_counter.get_total_flops() + per_parameter * trainable}
     parts["total"] = counter.get_total_flops() + parts["optimizer"]
-    parts["policy_forward"] = by_module(forward_counter).get("UNet2DConditionModel", 0)
+    parts["policy_forward"] = by_module(forward_counter).get("UNet2DConditionModel", 0) - sum(reference_flops)
+    parts["trainable_parameters"] = trainable
+    parts["unet_parameters"] = sum(p.numel() for p in unet.parameters())
     return parts
 
 
@@ -363,7 +395,9 @@ def bench_train(args) -> dict:
     result = {"mode": "train", "arch": args.arch, "resolution": args.resolution, "batch_size": pairs,
               "device": str(device), "mixed_precision": args.mixed_precision, "latent_cache": args.latent_cache,
               "compile": args.compile, "loss_precision": args.loss_precision, "optimizer": optimizer,
-              "gradient_checkpointing": args.gradient_checkpointing,
+              "gradient_checkpointing": args.gradient_checkpointing, "use_lora": args.use_lora,
+              "lora_rank": args.lora_rank if args.use_lora else None,
+              "trainable_parameters": flops["trainable_parameters"], "unet_parameters": flops["unet_parameters"],
               "flops_per_pair": flops["total"] / pairs, "flops": {k: flops[k] / pairs for k in ("vae", "text", "policy", "reference", "optimizer")},
               "step_seconds": None, "pairs_per_second": None, "peak_memory_bytes": None, "mfu": None}
     if args.gradient_checkpointing:  # the backward recomputes the policy's forward
@@ -545,6 +579,9 @@ def report(result: dict) -> str:
              f"batch {result['batch_size']} | {result.get('device_name', result.get('device', ''))}"]
     if result["mode"] == "train":
         total = result["flops_per_pair"]
+        lora_note = f", LoRA rank {result['lora_rank']}" if result.get("use_lora") else ""
+        lines.append(f"trainable params    {result['trainable_parameters']:,} of {result['unet_parameters']:,} "
+                     f"in the UNet{lora_note}")
         lines.append(f"FLOPs per pair      {human(total, 'FLOP')}")
         for part in ("vae", "text", "policy", "reference", "optimizer"):
             value = result["flops"][part]

@@ -18,12 +18,13 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 
 import torch
 
-from sdpo import checkpoints, host_memory, models
+from sdpo import checkpoints, host_memory, hub, lora, models
 from sdpo.checkpoints import CONFIG_FILE
 from sdpo.conditioning import PromptEncoder
 from sdpo.data import PairBatch, build_dataloader, check_data, choose_winners, next_batch
@@ -63,6 +64,17 @@ def parse_args(argv=None):
     a("--ref_unet", default="", metavar="PATH|base",
       help="a different reference UNet: 'base' (the base pipeline's) or a UNet path (default: --unet_init, else base)")
     a("--cache_dir", default=None, help="where downloaded models and datasets are stored (as datasets/diffusers' cache_dir)")
+    # LoRA
+    a("--use_lora", action="store_true",
+      help="train LoRA adapters (peft) on the frozen UNet instead of the whole UNet; the reference is the same "
+           "UNet with its adapters off (no second UNet), unless --ref_unet names another one")
+    a("--lora_rank", type=int, default=8, help="LoRA rank (diffusers' Diffusion-DPO example runs 8)")
+    a("--lora_alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha / rank (default: the rank)")
+    a("--lora_dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    a("--lora_target_modules", nargs="+", default=list(lora.DEFAULT_TARGETS), metavar="NAME",
+      help="modules that get adapters: names or name suffixes (default: the attention projections, as diffusers' "
+           "Diffusion-DPO example)")
+    a("--merge_lora", action="store_true", help="with --use_lora: also write the UNet with the adapters merged, to unet/")
     # data
     a("--dataset_name", default=None, help="hub id, or a local folder with data/<split>-*.parquet, or one parquet file")
     a("--dataset_revision", default=None, help="revision of the dataset on the hub")
@@ -114,6 +126,8 @@ def parse_args(argv=None):
       help="diffusers' learning-rate schedule")
     a("--lr_warmup_steps", type=int, default=500, help="warmup, in optimizer steps")
     a("--use_adafactor", action=argparse.BooleanOptionalAction, default=None, help="Adafactor (default: on for SDXL)")
+    a("--use_8bit_adam", action="store_true",
+      help="bitsandbytes' 8-bit AdamW (a CUDA GPU and pip install bitsandbytes): optimizer state in 8 bits")
     a("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
     a("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
     a("--adam_weight_decay", type=float, default=1e-2, help="weight decay (AdamW and Adafactor)")
@@ -125,8 +139,9 @@ def parse_args(argv=None):
            "the weight dtype); fp32: latents, noise and every loss in fp32")
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
       help="gradient checkpointing in the policy UNet (default: on for SDXL)")
-    a("--mixed_precision", default="fp16", choices=["no", "fp16", "bf16"],
-      help="fp16 falls back to 'no' on CPU; bf16 runs on CPU under CPU autocast")
+    a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+      help="default: what accelerate launch was given (its --mixed_precision or `accelerate config`), else no. "
+           "fp16 falls back to 'no' on CPU; bf16 runs on CPU under CPU autocast")
     a("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs")
     a("--compile", action="store_true",
       help="torch.compile the policy and reference UNets (for GPUs; on a CPU it is slower, see the README)")
@@ -140,6 +155,10 @@ def parse_args(argv=None):
            "train_config.json and checkpoints)")
     # output
     a("--output_dir", default="sd-model-finetuned", help="checkpoints, logs and the trained UNet")
+    a("--push_to_hub", action="store_true",
+      help="upload the final folder (UNet or LoRA, train_config.json, model card, validation images) to the hub")
+    a("--hub_model_id", default=None, help="the hub repository (default: the output folder's name under your account)")
+    a("--hub_private_repo", action="store_true", help="create the hub repository as private")
     a("--logging_dir", default="logs", help="TensorBoard folder, under output_dir")
     a("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"], help="trackers to log to")
     a("--tracker_project_name", default="preference-training", help="the trackers' project name (TensorBoard subfolder)")
@@ -176,6 +195,11 @@ def parse_args(argv=None):
             setattr(args, flag, args.sdxl)  # the reference forces both on for SDXL; here they can be turned off
     if args.max_train_steps == 0:
         args.max_train_steps = None
+    if args.mixed_precision is None:  # as diffusers' examples: accelerate launch's setting (its config file)
+        args.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if args.mixed_precision not in ("no", "fp16", "bf16"):
+            raise InputError(f"ACCELERATE_MIXED_PRECISION {args.mixed_precision!r} (from accelerate launch): this "
+                             f"project trains in no, fp16 or bf16; pass --mixed_precision")
     return args
 
 
@@ -222,6 +246,17 @@ def check_settings(args):
           "--use_winner_preserving needs a loser branch; sft trains on winners only")
     check(not (args.choice_model and args.train_method == "sft"), "--choice_model needs pairs; sft trains on winners")
     check(not (args.ref_unet and args.train_method == "sft"), "--ref_unet needs a preference objective; sft has no reference")
+    # LoRA and memory.
+    check(args.lora_rank >= 1, f"--lora_rank must be >= 1, got {args.lora_rank}")
+    check(args.lora_alpha is None or (math.isfinite(args.lora_alpha) and args.lora_alpha > 0),
+          f"--lora_alpha must be > 0, got {args.lora_alpha}")
+    check(0.0 <= args.lora_dropout < 1.0, f"--lora_dropout must lie in [0, 1), got {args.lora_dropout}")
+    check(not (args.merge_lora and not args.use_lora), "--merge_lora needs --use_lora")
+    check(not (args.use_8bit_adam and args.use_adafactor),
+          "--use_8bit_adam and Adafactor exclude each other (SDXL uses Adafactor by default: add --no-use_adafactor)")
+    if args.use_8bit_adam:
+        check_8bit_adam()
+    check(not (args.hub_model_id and not args.push_to_hub), "--hub_model_id needs --push_to_hub")
     if args.timestep_range is not None:
         lo, hi = args.timestep_range
         check(0 <= lo < hi, f"--timestep_range {lo} {hi}: needs 0 <= MIN < MAX (timesteps are drawn from [MIN, MAX))")
@@ -273,9 +308,22 @@ def check_settings(args):
 # ---- models ----------------------------------------------------------------------------------
 
 
+def check_8bit_adam() -> None:
+    """--use_8bit_adam needs bitsandbytes and a CUDA GPU."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes), or leave the "
+                         "flag out for torch's AdamW")
+    if not torch.cuda.is_available():
+        raise InputError("--use_8bit_adam: bitsandbytes' 8-bit AdamW runs on CUDA GPUs and this machine has none; "
+                         "leave the flag out for torch's AdamW")
+
+
 def load_models(args):
     """Tokenizers, text encoders, VAE (none when a latent cache replaces it and no validation
-    image needs decoding), policy UNet and (unless sft) reference UNet."""
+    image needs decoding), the policy UNet, and a reference UNet of its own, or None where there is
+    none: sft, or LoRA whose reference is the policy with its adapters off (models.reference_role)."""
     import copy
 
     base = args.pretrained_model_name_or_path
@@ -287,7 +335,7 @@ def load_models(args):
     policy_spec, ref_spec = models.policy_source(args), models.reference_source(args)
     unet = models.load_unet(policy_spec, base, "--unet_init", **hub)
     ref_unet = None
-    if ref_spec is not None:
+    if models.reference_role(args) in ("copy", "unet"):
         if ref_spec == policy_spec:  # the reference starts where the policy starts: copy, don't load twice
             ref_unet = copy.deepcopy(unet)
         else:
@@ -296,7 +344,13 @@ def load_models(args):
 
 
 def build_optimizer(args, params, lr, device=None):
-    """Adafactor as the reference sets it up, or AdamW (fused on a GPU: one kernel per step)."""
+    """Adafactor as the reference sets it up, bitsandbytes' 8-bit AdamW, or AdamW (fused on a GPU:
+    one kernel per step)."""
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     if args.use_adafactor:
         from transformers.optimization import Adafactor
 
@@ -314,17 +368,19 @@ class MicroBatchLoss:
     """The loss of one micro-batch (and its statistics); everything it needs is fixed for the run.
     An optimizer step (train_step) accumulates it over --gradient_accumulation_steps micro-batches."""
 
-    def __init__(self, args, accelerator, unet, ref_unet, vae, prompt_encoder, noise_scheduler, weight_dtype,
+    def __init__(self, args, accelerator, unet, reference, vae, prompt_encoder, noise_scheduler, weight_dtype,
                  timesteps: tuple[int, int], scaling_factor: float, device=None):
         self.args, self.accelerator = args, accelerator
-        self.unet, self.ref_unet, self.vae = unet, ref_unet, vae
+        # reference: what predicts for the reference (sdpo.lora.FrozenReference or AdaptersOff), None for sft
+        self.unet, self.reference, self.vae = unet, reference, vae
         self.prompt_encoder, self.noise_scheduler, self.weight_dtype = prompt_encoder, noise_scheduler, weight_dtype
         self.t_lo, self.t_hi = timesteps  # draw t from [t_lo, t_hi)
         self.prediction_type = noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise InputError(f"unsupported scheduler prediction_type {self.prediction_type!r}")
         # The reference's numerics (kept as the default): under bf16 its latents, noise, noisy latents
-        # and target stay in the weight dtype, its reference UNet runs in pure bf16 without autocast,
+        # and target stay in the weight dtype, its reference UNet runs in pure bf16 without autocast
+        # (so does LoRA's: the frozen base is in the weight dtype and the adapters are off),
         # and its reference losses are computed and rounded in bf16. --loss_precision fp32 keeps all
         # of these in fp32 instead.
         self.reference_numerics = args.loss_precision == "reference"
@@ -360,7 +416,7 @@ class MicroBatchLoss:
         k = latents.shape[0] // len(batch)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
-        # The caption is encoded once and shared by both branches and both UNets.
+        # The caption is encoded once and shared by both branches, the policy and the reference.
         cond = self.prompt_encoder(batch.captions, device, self.weight_dtype, ids=batch.caption_ids).repeat(k)
         if args.sdxl and args.sdxl_true_time_ids:  # (B, k, 6) -> winners' then losers' rows
             cond.time_ids = batch.time_ids.transpose(0, 1).reshape(-1, 6).to(device, cond.time_ids.dtype)
@@ -368,10 +424,10 @@ class MicroBatchLoss:
         with torch.set_grad_enabled(with_grad), self.accelerator.autocast():
             model_pred = self.unet(noisy, t, **cond).sample
         ref_pred = None
-        if self.ref_unet is not None and k == 2:
+        if self.reference is not None and k == 2:
             ref_autocast = contextlib.nullcontext() if self.reference_numerics else self.accelerator.autocast()
             with torch.no_grad(), ref_autocast:
-                ref_pred = self.ref_unet(noisy, t, **cond).sample
+                ref_pred = self.reference(noisy, t, **cond)
         return model_pred, ref_pred, target
 
     def loss_and_stats(self, model_pred, ref_pred, target, t, weighting: str, safeguard: bool):
@@ -461,7 +517,7 @@ class Validation:
                 totals += torch.stack([*values, torch.tensor(float(B), device=device, dtype=torch.float64)])
         totals = accelerator.reduce(totals, reduction="sum").tolist()
         count = totals[-1]
-        has_reference = micro.ref_unet is not None
+        has_reference = micro.reference is not None
         return {f"val_{m}": value / count for m, value in zip(self.METRICS, totals[:-1])
                 if has_reference or m in ("loss", "model_mse")}
 
@@ -534,6 +590,8 @@ def check_models(args, noise_scheduler) -> tuple[int, int]:
     for flag in ("unet_init", "ref_unet"):
         if getattr(args, flag):
             models.check_unet(getattr(args, flag), args.pretrained_model_name_or_path, f"--{flag}", **hub)
+    if args.use_lora:
+        lora.check_targets(models.base_unet_shapes(args.pretrained_model_name_or_path, **hub), args.lora_target_modules)
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     try:
         lo, hi = timestep_range(args.timestep_weighting, args.timestep_range, num_train_timesteps)
@@ -630,7 +688,7 @@ class Run:
     accelerator: object
     weight_dtype: torch.dtype
     unet: object
-    ref_unet: object
+    reference: object  # sdpo.lora.FrozenReference or AdaptersOff; None for sft
     vae: object
     prompt_encoder: PromptEncoder
     optimizer: object
@@ -639,7 +697,7 @@ class Run:
     validation: Validation | None
 
 
-def compile_models(unet, ref_unet, device) -> None:
+def compile_models(models_: list, device) -> None:
     """torch.compile the UNets in place (the modules and their state dicts keep their names).
 
     On a CPU, inductor vectorises its kernels for the widest instruction set that a build-and-load
@@ -655,9 +713,8 @@ def compile_models(unet, ref_unet, device) -> None:
         import torch._inductor.config as inductor
 
         inductor.cpp.vec_isa_ok = True
-    for model in (unet, ref_unet):
-        if model is not None:
-            model.compile()
+    for model in models_:
+        model.compile()
 
 
 def setup(args: Settings, accelerator, inputs: Inputs, parts=None, device=None) -> Run:
@@ -668,11 +725,21 @@ def setup(args: Settings, accelerator, inputs: Inputs, parts=None, device=None) 
 
     device = device or accelerator.device
     weight_dtype = models.DTYPES[accelerator.mixed_precision]
-    # Models: the policy trains in fp32 under autocast; everything frozen runs in the weight dtype.
+    # Models: the policy trains in fp32 under autocast; everything frozen runs in the weight dtype
+    # (with LoRA the UNet itself, all but its fp32 adapters).
     tokenizers, text_encoders, vae, unet, ref_unet = parts or load_models(args)
     for frozen in [*text_encoders, vae, ref_unet]:
         if frozen is not None:
             frozen.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    if args.use_lora:
+        unet.to(device, dtype=weight_dtype)
+        lora.add_adapters(unet, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+    if ref_unet is not None:
+        reference = lora.FrozenReference(ref_unet)
+    elif models.reference_role(args) == "adapters-off":
+        reference = lora.AdaptersOff(unet)
+    else:
+        reference = None
     if vae is not None and models.vae_dtype(args.sdxl, weight_dtype,
                                             bool(args.pretrained_vae_model_name_or_path)) != weight_dtype:
         vae.to(dtype=torch.float32)  # SDXL's original VAE overflows in fp16 (NaN latents)
@@ -687,10 +754,13 @@ def setup(args: Settings, accelerator, inputs: Inputs, parts=None, device=None) 
                 model.to(memory_format=torch.channels_last)
     prompt_encoder = PromptEncoder(tokenizers, text_encoders, args.resolution)
 
-    optimizer = build_optimizer(args, unet.parameters(), inputs.config["derived"]["effective_lr"], device)
+    trainable = lora.trainable_parameters(unet)
+    logger.info("trainable parameters: %s of %s%s", f"{sum(p.numel() for p in trainable):,}",
+                f"{sum(p.numel() for p in unet.parameters()):,}", " (LoRA adapters)" if args.use_lora else "")
+    optimizer = build_optimizer(args, trainable, inputs.config["derived"]["effective_lr"], device)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     if args.compile:
-        compile_models(unet, ref_unet, device)
+        compile_models([unet, *(reference.modules() if reference else [])], device)
     # The reference steps its prepared scheduler once per optimizer step per process, with warmup
     # and length multiplied by the process count: the warmup counts optimizer steps. So do we.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -699,12 +769,12 @@ def setup(args: Settings, accelerator, inputs: Inputs, parts=None, device=None) 
         checkpoints.load_checkpoint(inputs.resume_path, accelerator, unet, optimizer, lr_scheduler)
         logger.info("resumed from %s at step %d", inputs.resume_path, inputs.start_step)
     scaling_factor = inputs.scaling_factor if inputs.scaling_factor is not None else vae.config.scaling_factor
-    compute_loss = MicroBatchLoss(args, accelerator, unet, ref_unet, vae, prompt_encoder, inputs.noise_scheduler,
+    compute_loss = MicroBatchLoss(args, accelerator, unet, reference, vae, prompt_encoder, inputs.noise_scheduler,
                                   weight_dtype, inputs.timesteps, scaling_factor, device)
     validation = None
     if inputs.validation_pairs is not None:
         validation = Validation(compute_loss, inputs.validation_pairs, args.validation_timesteps)
-    return Run(args, inputs, accelerator, weight_dtype, unet, ref_unet, vae, prompt_encoder, optimizer,
+    return Run(args, inputs, accelerator, weight_dtype, unet, reference, vae, prompt_encoder, optimizer,
                lr_scheduler, compute_loss, validation)
 
 
@@ -871,20 +941,44 @@ def check_finite_weights(run: Run, step: int) -> None:
 
 
 def save_final(run: Run) -> None:
-    """The trained UNet (safetensors) and its model card, replacing an earlier final save atomically."""
+    """The trained UNet (safetensors) or LoRA adapters (diffusers' LoRA format, and with --merge_lora
+    the merged UNet too) and the model card, each replacing an earlier final save atomically."""
     args, accelerator = run.args, run.accelerator
     check_finite_weights(run, run.inputs.total_steps)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tmp = os.path.join(args.output_dir, "unet.tmp")
-        accelerator.unwrap_model(run.unet).save_pretrained(tmp)  # safetensors
-        final = os.path.join(args.output_dir, "unet")
-        if os.path.exists(final):
-            checkpoints.remove_tree(final)
-        os.replace(tmp, final)
+        model = accelerator.unwrap_model(run.unet)
+        if args.use_lora:
+            tmp = os.path.join(args.output_dir, "lora.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            written = lora.save_diffusers_lora(model, tmp, args.sdxl)
+            os.replace(written, os.path.join(args.output_dir, lora.LORA_WEIGHTS))
+            os.rmdir(tmp)
+            logger.info("saved the LoRA adapters to %s", os.path.join(args.output_dir, lora.LORA_WEIGHTS))
+        if not args.use_lora or args.merge_lora:
+            if args.use_lora:  # last: merging changes the model in place
+                model = lora.merged(model)
+            save_unet_atomic(model, args.output_dir)
+        images = hub.validation_images(args.output_dir, run.inputs.total_steps, args.validation_prompts,
+                                       args.num_validation_images)
         checkpoints.write_model_card(run.inputs.config, run.inputs.total_steps, run.inputs.num_pairs,
-                                     os.path.join(args.output_dir, "README.md"))
-        logger.info("saved the trained UNet to %s", final)
+                                     os.path.join(args.output_dir, "README.md"), images)
+        if args.push_to_hub:
+            name = hub.push(args.output_dir, args.hub_model_id, args.hub_private_repo,
+                            hub.upload_files(args.output_dir, images))
+            logger.info("uploaded %s to the hub as %s", args.output_dir, name)
+
+
+def save_unet_atomic(model, output_dir: str) -> None:
+    """output_dir/unet/ (diffusers folder, safetensors), written beside and renamed into place."""
+    tmp = os.path.join(output_dir, "unet.tmp")
+    model.save_pretrained(tmp)
+    final = os.path.join(output_dir, "unet")
+    if os.path.exists(final):
+        checkpoints.remove_tree(final)
+    os.replace(tmp, final)
+    logger.info("saved the trained UNet to %s", final)
 
 
 def quiet_libraries() -> None:
@@ -916,6 +1010,9 @@ def train(args):
         print(f"checked: the settings, paths and data of {args.output_dir} are usable")
         return {}
     accelerator = make_accelerator(args, mixed_precision)
+    if accelerator.distributed_type == "FSDP":  # (DistributedType is a str enum)
+        raise InputError("an FSDP accelerate config: sharded training is not supported yet (checkpoints and the "
+                         "final save assume whole models); use a multi-GPU (DDP) config, or --use_lora on one GPU")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
     quiet_libraries()

@@ -4,7 +4,11 @@
     python -m eval.generate --unet_path CKPT --test_json prompts/papv2.json [--sdxl] [--batch_size 16]
 
 CKPT is a reference-style unet.pth state dict, a .safetensors state dict, a diffusers folder
-(a train.py output dir or a unet/ folder), or `base` for the unmodified base model.
+(a train.py output dir or a unet/ folder), or `base` for the unmodified base model. A LoRA
+(a train.py --use_lora output folder, diffusers' LoRA format) goes on top of it with --lora_path,
+or is given as CKPT itself: a folder with pytorch_lora_weights.safetensors and no UNet means
+`--unet_path base --lora_path FOLDER`. The LoRA is loaded as `pipe.load_lora_weights` loads it
+(not merged).
 
 Protocol:
 - Euler discrete sampling, 50 steps, seed 0, 512x512 (SD1.5) or 1024x1024 (SDXL).
@@ -55,7 +59,7 @@ from eval import checks
 from sdpo.files import (atomic_path, check_output_dir, first_difference,
                         path_identity, remove_stale_temps, write_json_atomic)
 from eval.prompts import load_suite
-from sdpo import flags, models
+from sdpo import flags, lora, models
 from sdpo.conditioning import PromptEncoder
 from sdpo.sampling import sample, vae_scale_factor
 from sdpo.errors import InputError, reports_input_errors
@@ -102,6 +106,8 @@ def base_folder_name(base: str) -> str:
 
 
 def default_output_path(args) -> str:
+    if args.lora_path:  # beside the LoRA, as beside a checkpoint
+        return args.lora_path
     if args.unet_path == "base":
         return os.path.join("outputs", "base", base_folder_name(args.pretrain_path))
     # as the reference: beside the checkpoint
@@ -124,7 +130,10 @@ def model_identity(args) -> dict:
     unet = "base" if args.unet_path == "base" else path_identity(
         (models.unet_folder(args.unet_path) or args.unet_path) if os.path.isdir(args.unet_path) else args.unet_path)
     vae = None if args.vae_path is None else path_identity(args.vae_path)
-    return {"pretrain_path": pipeline, "unet_path": unet, "vae_path": vae, "sdxl": args.sdxl}
+    identity = {"pretrain_path": pipeline, "unet_path": unet, "vae_path": vae, "sdxl": args.sdxl}
+    if args.lora_path:  # (absent without one: records written before --lora_path stay valid)
+        identity["lora_path"] = path_identity(os.path.join(args.lora_path, lora.LORA_WEIGHTS))
+    return identity
 
 
 def protocol(args) -> dict:
@@ -152,7 +161,8 @@ def read_record(path: str) -> tuple[dict | None, str | None]:
 class Generator:
     """The sampling loop of the protocol over loaded components."""
 
-    def __init__(self, base: str, unet_spec: str, sdxl: bool, vae_path: str | None, device: str, dtype):
+    def __init__(self, base: str, unet_spec: str, sdxl: bool, vae_path: str | None, device: str, dtype,
+                 lora_path: str | None = None):
         from diffusers import EulerDiscreteScheduler
 
         self.device, self.dtype = torch.device(device), dtype
@@ -161,7 +171,10 @@ class Generator:
         # The scheduler first (the cheapest proof that the base loads), then the UNet: a checkpoint
         # that does not fit fails before the rest is loaded.
         self.scheduler = models.load_scheduler(EulerDiscreteScheduler, base, flag)
-        self.unet = models.load_unet(unet_spec, base, "--unet_path", base_flag=flag).to(self.device, dtype).eval()
+        self.unet = models.load_unet(unet_spec, base, "--unet_path", base_flag=flag)
+        if lora_path:
+            lora.load_diffusers_lora(self.unet, lora_path)
+        self.unet.to(self.device, dtype).eval()
         self.vae = models.load_vae(base, vae_path, "--vae_path", flag).to(self.device, torch.float32).eval()
         tokenizers, encoders = models.load_text_side(base, sdxl, flag)
         for encoder in encoders:
@@ -189,6 +202,12 @@ def check_args(args) -> None:
     if args.dtype is None:
         args.dtype = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
     models.check_base(args.pretrain_path, args.sdxl, "--pretrain_path")
+    if args.lora_path is None and lora.is_lora_folder(args.unet_path) and not models.unet_folder(args.unet_path):
+        args.unet_path, args.lora_path = "base", args.unet_path  # a LoRA folder given where a checkpoint goes
+    if args.lora_path is not None:
+        checks.check(lora.is_lora_folder(args.lora_path),
+                     f"--lora_path {args.lora_path}: not a folder holding {lora.LORA_WEIGHTS} (a train.py --use_lora "
+                     f"output folder)")
     checks.check(args.unet_path == "base" or os.path.exists(args.unet_path),
                  f"--unet_path {args.unet_path!r}: not found (give 'base', a folder, a .safetensors or a .pth file)")
     if args.vae_path is not None and not os.path.isdir(args.vae_path):
@@ -265,7 +284,7 @@ def generate(args, loaded: dict | None = None) -> str:
     generator = None
     if todo:  # loaded before anything on disk changes: a model that fails to load leaves the folder as it was
         dtype = models.DTYPES[args.dtype]
-        key = (args.pretrain_path, args.unet_path, args.sdxl, args.vae_path, args.device, dtype)
+        key = (args.pretrain_path, args.unet_path, args.sdxl, args.vae_path, args.device, dtype, args.lora_path)
         loaded = {} if loaded is None else loaded
         if key not in loaded:
             loaded.clear()  # one set of models in memory at a time
@@ -299,7 +318,10 @@ def generate(args, loaded: dict | None = None) -> str:
 
 
 def add_generation_flags(p) -> None:
-    p.add_argument("--unet_path", required=True, help="unet.pth / .safetensors / diffusers folder / 'base'")
+    p.add_argument("--unet_path", required=True,
+                   help="unet.pth / .safetensors / diffusers folder / 'base' / a LoRA folder (as --lora_path on base)")
+    p.add_argument("--lora_path", default=None,
+                   help="a LoRA folder (train.py --use_lora output, diffusers' format) applied on top of --unet_path")
     p.add_argument("--pretrain_path", default=None, help="base pipeline (default: SD1.5, or SDXL base with --sdxl)")
     p.add_argument("--vae_path", default=None, help="a separate VAE (default for SDXL: madebyollin/sdxl-vae-fp16-fix)")
     p.add_argument("--sdxl", action="store_true")

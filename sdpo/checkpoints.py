@@ -2,7 +2,8 @@
 run that wrote them (train_config.json, the settings a resume must match, the model card).
 
 `output_dir/checkpoint-N/` holds everything a run needs to continue exactly:
-- `unet/`: the policy UNet (diffusers folder, safetensors);
+- `unet/`: the policy UNet (diffusers folder, safetensors), or with LoRA `lora/`: the adapters
+  alone (`adapter_model.safetensors`, peft's names, and `adapter_config.json`), not the base;
 - `optimizer.pt`, `lr_scheduler.pt`: state dicts (tensors and numbers only, loaded with
   `weights_only=True`);
 - `rng-<rank>.safetensors`: each process's torch CPU (and CUDA) generator state;
@@ -28,16 +29,18 @@ import sys
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdpo import lora
 from sdpo.errors import InputError
 from sdpo.files import write_text_atomic
-from sdpo.models import DTYPES, check_same_shapes, policy_source, reference_source
+from sdpo.models import DTYPES, HUB_ID, check_same_shapes, policy_source, reference_role, reference_source
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-LEFTOVER_RE = re.compile(r"^(checkpoint-\d+|unet)\.(tmp|deleting)$")
+LEFTOVER_RE = re.compile(r"^(checkpoint-\d+|unet|lora)\.(tmp|deleting)$")
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "train_config.json"
 logger = logging.getLogger(__name__)
-REQUIRED_FILES = (STATE_FILE, "optimizer.pt", "lr_scheduler.pt", "rng-0.safetensors", os.path.join("unet", "config.json"))
+REQUIRED_FILES = (STATE_FILE, "optimizer.pt", "lr_scheduler.pt", "rng-0.safetensors")
+MODEL_FILES = (os.path.join("unet", "config.json"), os.path.join("lora", "adapter_model.safetensors"))  # one of them
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -55,7 +58,10 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
 
 def missing_files(path: str) -> list[str]:
     """What a checkpoint folder lacks of the files a resume reads."""
-    return [name for name in REQUIRED_FILES if not os.path.isfile(os.path.join(path, name))]
+    missing = [name for name in REQUIRED_FILES if not os.path.isfile(os.path.join(path, name))]
+    if not any(os.path.isfile(os.path.join(path, name)) for name in MODEL_FILES):
+        missing.append(" or ".join(MODEL_FILES))
+    return missing
 
 
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:
@@ -156,7 +162,14 @@ def save_checkpoint(accelerator, output_dir, step, unet, optimizer, lr_scheduler
     save_file(rng_state(), os.path.join(tmp, f"rng-{accelerator.process_index}.safetensors"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(unet).save_pretrained(os.path.join(tmp, "unet"))
+        model = accelerator.unwrap_model(unet)
+        if lora.has_adapters(model):
+            os.makedirs(os.path.join(tmp, "lora"))
+            save_file(lora.adapter_state(model), os.path.join(tmp, "lora", lora.ADAPTER_FILE))
+            with open(os.path.join(tmp, "lora", "adapter_config.json"), "w") as f:
+                json.dump(lora.adapter_config(model), f, indent=2, default=str)
+        else:
+            model.save_pretrained(os.path.join(tmp, "unet"))
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
         if getattr(accelerator, "scaler", None) is not None:  # fp16: the gradient scaler's scale
@@ -175,16 +188,28 @@ def save_checkpoint(accelerator, output_dir, step, unet, optimizer, lr_scheduler
 
 
 def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler) -> None:
-    """Restore the policy weights, optimizer, lr schedule and this process's RNG."""
+    """Restore the policy weights (or its LoRA adapters), optimizer, lr schedule and this process's RNG."""
     from diffusers import UNet2DConditionModel
 
     from sdpo.models import pretrained
 
-    saved = pretrained(UNet2DConditionModel, path, "--resume_from_checkpoint", "unet")
     model = accelerator.unwrap_model(unet)
-    check_same_shapes(saved, model, f"checkpoint {path}", "the model being trained")
-    model.load_state_dict(saved.state_dict())
-    del saved
+    adapters = os.path.join(path, "lora", lora.ADAPTER_FILE)
+    if lora.has_adapters(model) != os.path.isfile(adapters):
+        held, trained = ("LoRA adapters", "the whole UNet") if os.path.isfile(adapters) else ("a whole UNet", "LoRA")
+        raise InputError(f"--resume_from_checkpoint: {path} holds {held}; this run trains {trained}")
+    if lora.has_adapters(model):
+        try:
+            state = load_file(adapters)
+        except Exception as err:
+            raise InputError(f"--resume_from_checkpoint: {adapters} is damaged or truncated "
+                             f"({type(err).__name__})") from None
+        lora.load_adapter_state(model, state, f"checkpoint {path}")
+    else:
+        saved = pretrained(UNet2DConditionModel, path, "--resume_from_checkpoint", "unet")
+        check_same_shapes(saved, model, f"checkpoint {path}", "the model being trained")
+        model.load_state_dict(saved.state_dict())
+        del saved
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location="cpu"))
     lr_scheduler.load_state_dict(torch.load(os.path.join(path, "lr_scheduler.pt"), weights_only=True))
     scaler_file = os.path.join(path, "scaler.pt")
@@ -232,7 +257,7 @@ def run_config(args, num_processes: int, mixed_precision: str, timesteps: tuple[
         "pairs_per_step": args.train_batch_size * accum * world,
         "total_steps": total_steps,
         "effective_lr": args.learning_rate * (args.train_batch_size * accum * world if args.scale_lr else 1),
-        "optimizer": "Adafactor" if args.use_adafactor else "AdamW",
+        "optimizer": "Adafactor" if args.use_adafactor else "AdamW8bit" if args.use_8bit_adam else "AdamW",
         "gradient_clipping": f"clip at {float(args.max_grad_norm)}" if args.max_grad_norm > 0 else "off",
         "mixed_precision_used": mixed_precision,
         "weight_dtype": str(DTYPES[mixed_precision]).removeprefix("torch."),
@@ -242,6 +267,7 @@ def run_config(args, num_processes: int, mixed_precision: str, timesteps: tuple[
         "timestep_range": list(timesteps),
         "policy_unet": policy_source(args),
         "reference_unet": reference_source(args),
+        "reference_role": reference_role(args),
         "resumed_from": resume_path,
         "command": [os.path.basename(sys.argv[0]), *sys.argv[1:]],
         "versions": library_versions(),
@@ -257,6 +283,7 @@ RESUMABLE_CHANGES = {
     "checkpoints_total_limit", "resume_from_checkpoint", "cache_dir", "dataloader_num_workers",
     "max_train_steps", "num_train_epochs", "gradient_checkpointing", "max_skipped_steps", "validation_steps",
     "validation_timesteps", "validation_prompts", "num_validation_images", "validation_sampling_steps", "derived",
+    "merge_lora", "push_to_hub", "hub_model_id", "hub_private_repo",
 }
 PATH_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset_name", "unet_init",
                  "ref_unet", "latent_cache")
@@ -291,19 +318,47 @@ def check_resumable(resume_path: str | None, resume_state: dict | None, config: 
         check_same_settings(resume_path, resume_state.get("settings"), result_settings(config))
 
 
-def write_model_card(config: dict, step: int, num_pairs, path: str) -> None:
-    """README.md beside the trained UNet: what was trained, on what, with which settings."""
+def load_line(config: dict) -> str:
+    """How to load what the run saved, for the model card."""
+    if config.get("use_lora"):
+        line = ("Load the LoRA on its base pipeline with `pipe.load_lora_weights(path)` "
+                f"(`{lora.LORA_WEIGHTS}`).")
+        if config.get("merge_lora"):
+            line += " The merged UNet: `UNet2DConditionModel.from_pretrained(path, subfolder=\"unet\")`."
+        return line
+    return "Load with `UNet2DConditionModel.from_pretrained(path, subfolder=\"unet\")`."
+
+
+def card_metadata(config: dict, images: list[tuple[str, str]]) -> list[str]:
+    """The model card's YAML front matter, as the hub reads it: library, base model (a hub id only: a
+    local path is not a model the hub knows), tags, and the validation images as the widget."""
+    c = config
+    base = c["pretrained_model_name_or_path"]
+    tags = ["text-to-image", "diffusers", "stable-diffusion-xl" if c["sdxl"] else "stable-diffusion",
+            "preference-optimization", c["train_method"]] + (["lora"] if c.get("use_lora") else [])
+    lines = ["---", "library_name: diffusers"]
+    if HUB_ID.fullmatch(base) and not os.path.exists(base):
+        lines.append(f"base_model: {json.dumps(base)}")
+    lines.append("tags:")
+    lines += [f"- {json.dumps(tag)}" for tag in tags]
+    if images:
+        lines.append("widget:")
+        for prompt, image in images:
+            lines += [f"- text: {json.dumps(prompt)}", "  output:", f"    url: {json.dumps(image)}"]
+    return [*lines, "---"]
+
+
+def write_model_card(config: dict, step: int, num_pairs, path: str, images: list[tuple[str, str]] = ()) -> None:
+    """README.md beside the trained UNet: what was trained, on what, with which settings, and the
+    last validation images ((prompt, path relative to the card) pairs)."""
     c, d = config, config["derived"]
     safeguard = (f"on (mu = {c['winner_preserving_mu']}, "
                  f"{'per pair' if c['winner_preserving_per_sample'] else 'per micro-batch'})"
                  if c["use_winner_preserving"] else "off")
     lines = [
-        "---", "library_name: diffusers", f"base_model: {c['pretrained_model_name_or_path']}",
-        "tags: [text-to-image, diffusion, preference-optimization]", "---", "",
-        f"# {c['train_method']} fine-tune of {c['pretrained_model_name_or_path']}", "",
-        "Trained with this project's `train.py`. Load with "
-        "`UNet2DConditionModel.from_pretrained(path, subfolder=\"unet\")`. Every setting is in "
-        f"`{CONFIG_FILE}`.", "",
+        *card_metadata(c, list(images)), "",
+        f"# {c['train_method']} {'LoRA' if c.get('use_lora') else 'fine-tune'} of {c['pretrained_model_name_or_path']}",
+        "", f"Trained with this project's `train.py`. {load_line(c)} Every setting is in `{CONFIG_FILE}`.", "",
         "| setting | value |", "|---|---|",
         f"| base model | {c['pretrained_model_name_or_path']} |",
         f"| architecture | {'SDXL' if c['sdxl'] else 'SD1.x'} |",
@@ -323,4 +378,12 @@ def write_model_card(config: dict, step: int, num_pairs, path: str) -> None:
         f"| mixed precision | {d['mixed_precision_used']}, loss precision: {d['loss_precision']} |",
         f"| seed | {c['seed']} (+ process index) |",
     ]
+    if c.get("use_lora"):
+        lines.insert(lines.index("| setting | value |") + 2,
+                     f"| LoRA | rank {c['lora_rank']}, alpha {c['lora_alpha'] or c['lora_rank']}, dropout "
+                     f"{c['lora_dropout']}, on {', '.join(c['lora_target_modules'])}; reference: "
+                     f"{d.get('reference_role')} |")
+    if images:
+        lines += ["", f"## Validation images at step {step}", ""]
+        lines += [f"![{prompt}]({image})" for prompt, image in images]
     write_text_atomic("\n".join(lines) + "\n", path)

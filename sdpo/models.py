@@ -52,6 +52,18 @@ def reference_source(args) -> str | None:
     return args.ref_unet or args.unet_init or "base"
 
 
+def reference_role(args) -> str | None:
+    """What computes the reference prediction: None (sft has none); "adapters-off" (LoRA: the
+    policy UNet with its adapters switched off, when the reference starts where the policy does: no
+    second UNet); "copy" (a frozen copy of the policy's starting UNet); "unet" (another UNet, --ref_unet)."""
+    source = reference_source(args)
+    if source is None:
+        return None
+    if source == policy_source(args):
+        return "adapters-off" if getattr(args, "use_lora", False) else "copy"
+    return "unet"
+
+
 class _DropEmptyFloat32Warning(logging.Filter):
     """diffusers warns at every `.to(dtype)` of a model that "modules ... should be kept in float32:
     []", about an empty list: noise at every cast of a frozen model, dropped here."""

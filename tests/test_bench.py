@@ -21,13 +21,13 @@ def test_flop_accounting(tiny, latent_cache):
     meta = torch.device("meta")  # as bench.py counts
     run, batches = bench.build_run(args, bench.model_parts(args, meta), meta, latent_cache=latent_cache)
     seen = []
-    forward = run.ref_unet.forward
+    forward = run.reference.unet.forward
 
     def spy(*inputs, **kwargs):
         seen.append((inputs, kwargs))
         return forward(*inputs, **kwargs)
 
-    run.ref_unet.forward = spy
+    run.reference.unet.forward = spy
     flops = bench.count_flops(run, batches)
     parts = {k: flops[k] for k in ("vae", "text", "policy", "reference", "optimizer")}
     assert flops["total"] == sum(parts.values()) > 0
@@ -44,6 +44,21 @@ def test_flop_accounting(tiny, latent_cache):
     assert flops["policy_forward"] == parts["reference"]
     # The policy runs forward and backward on the same shapes: about three forwards.
     assert 2.5 < parts["policy"] / parts["reference"] < 3.01
+
+
+def test_lora_counts_the_adapters_off_forward_as_the_reference(tiny):
+    """With LoRA there is no second UNet: the reference part is the policy's own forward with its
+    adapters off, counted apart; only the adapters are trainable."""
+    full = bench.main(["--pretrained", tiny["sd15"], "--resolution", "32", "--batch_size", "2", "--count_only"])
+    lora = bench.main(["--pretrained", tiny["sd15"], "--resolution", "32", "--batch_size", "2", "--count_only",
+                       "--use_lora", "--lora_rank", "4"])
+    assert lora["use_lora"] and lora["lora_rank"] == 4
+    assert 0 < lora["trainable_parameters"] < full["trainable_parameters"] / 10
+    assert lora["unet_parameters"] == full["unet_parameters"] + lora["trainable_parameters"]
+    assert lora["flops"]["reference"] == full["flops"]["reference"] > 0  # the base UNet's forward, bitwise the count
+    assert lora["flops"]["optimizer"] * 2 == (14 + 3) * lora["trainable_parameters"]  # per pair, batch 2
+    # The frozen base needs no weight gradients: the policy's backward costs about one forward, not two.
+    assert 1.5 * lora["flops"]["reference"] < lora["flops"]["policy"] < 0.8 * full["flops"]["policy"]
 
 
 def test_every_mode_writes_its_json(tiny, tmp_path):

@@ -125,7 +125,7 @@ def test_resume_is_bitwise_exact(tiny, tmp_path):
 
 def test_latest_ignores_incomplete_checkpoints(tmp_path):
     complete = tmp_path / "checkpoint-3"
-    for name in checkpoints.REQUIRED_FILES:
+    for name in (*checkpoints.REQUIRED_FILES, checkpoints.MODEL_FILES[0]):  # a UNet (or lora/) is required too
         (complete / name).parent.mkdir(parents=True, exist_ok=True)
         (complete / name).write_text("{}")
     (tmp_path / "checkpoint-5.tmp").mkdir()  # killed while writing
@@ -383,12 +383,13 @@ def test_the_reference_unet_is_a_copy_and_sft_has_none(tiny, tmp_path, monkeypat
 
 
 def spy_step(monkeypatch, seen):
-    """Record the UNets that train.py hands to its MicroBatchLoss."""
+    """Record the UNets that train.py hands to its MicroBatchLoss (the reference's own UNet: a
+    frozen copy or --ref_unet; None for sft)."""
     init = train.MicroBatchLoss.__init__
 
-    def spy(self, args, accelerator, unet, ref_unet, *rest, **kwargs):
-        seen.update(unet=unet, ref_unet=ref_unet)
-        init(self, args, accelerator, unet, ref_unet, *rest, **kwargs)
+    def spy(self, args, accelerator, unet, reference, *rest, **kwargs):
+        seen.update(unet=unet, ref_unet=None if reference is None else reference.unet)
+        init(self, args, accelerator, unet, reference, *rest, **kwargs)
 
     monkeypatch.setattr(train.MicroBatchLoss, "__init__", spy)
 

@@ -156,6 +156,18 @@ BAD_SETTINGS = [
     (["--dataset_revision", ""], ["--dataset_revision is empty"]),
     (["--dataset_config_name", ""], ["--dataset_config_name is empty"]),
     (["--resolution", "16384"], ["--resolution must be at most 8192"]),
+    # LoRA and memory options.
+    (["--use_lora", "--lora_rank", "0"], ["--lora_rank must be >= 1, got 0"]),
+    (["--use_lora", "--lora_rank", "-4"], ["--lora_rank must be >= 1, got -4"]),
+    (["--use_lora", "--lora_alpha", "0"], ["--lora_alpha must be > 0"]),
+    (["--use_lora", "--lora_dropout", "1"], ["--lora_dropout must lie in [0, 1)"]),
+    (["--use_lora", "--lora_target_modules", "to_q", "no_such_layer"],
+     ["--lora_target_modules 'no_such_layer' matches no Linear or Conv2d module"]),
+    (["--use_lora", "--train_method", "sft", "--ref_unet", "base"], ["--ref_unet needs a preference objective"]),
+    (["--merge_lora"], ["--merge_lora needs --use_lora"]),
+    (["--use_8bit_adam"], ["--use_8bit_adam"]),
+    (["--use_8bit_adam", "--use_adafactor"], ["--use_8bit_adam and Adafactor exclude each other"]),
+    (["--hub_model_id", "me/model"], ["--hub_model_id needs --push_to_hub"]),
 ]
 
 

@@ -4,8 +4,12 @@
 
 Each NAME (MODEL_NAME, DATASET_NAME, ...) must be set to a non-empty value: the launcher gives the
 defaults to the ones that are unset, so an empty one is a mistake, not a request for the default.
-NUM_GPUS, when set, must be a positive integer; unset, the GPUs torch finds are counted. Prints the
-number of GPUs to launch on; a wrong value ends in one `error:` line and exit status 2.
+NUM_GPUS, when set, must be a positive integer; unset, the GPUs torch finds are counted.
+ACCELERATE_CONFIG_FILE, when set, must be a readable accelerate config (YAML or JSON, as `accelerate
+config` writes it): its num_processes (over all machines) and mixed_precision are used, and an FSDP
+config with one process is refused (FSDP shards over processes; one process has nothing to shard over).
+Prints the process count and the mixed precision (bf16 without a config); a wrong value ends in one
+`error:` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ def main(names: list[str]) -> int:
     for name in names:
         if not os.environ.get(name, "").strip():
             raise InputError(f"{name} is empty: set it to a value, or unset it for the launcher's default")
+    config_file = os.environ.get("ACCELERATE_CONFIG_FILE")
+    if config_file is not None:
+        count, precision = read_accelerate_config(config_file)
+        print(count, precision)
+        return count
     gpus = os.environ.get("NUM_GPUS")
     if gpus is None:
         import torch
@@ -35,8 +44,33 @@ def main(names: list[str]) -> int:
         count = int(gpus) if re.fullmatch(r"[0-9]+", gpus) else 0
         if count < 1:
             raise InputError(f"NUM_GPUS must be a positive integer, got {gpus!r}: the number of GPUs to launch on")
-    print(count)
+    print(count, "bf16")
     return count
+
+
+def read_accelerate_config(path: str) -> tuple[int, str]:
+    """(num_processes, mixed_precision) of an accelerate config file, checked."""
+    import yaml
+
+    where = f"ACCELERATE_CONFIG_FILE {path}"
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)  # YAML, or JSON (a subset of YAML)
+    except (OSError, yaml.YAMLError) as err:
+        raise InputError(f"{where}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+    if not isinstance(config, dict):
+        raise InputError(f"{where}: not an accelerate config (a mapping of settings, as `accelerate config` writes)")
+    processes = config.get("num_processes", 1)
+    if not isinstance(processes, int) or processes < 1:
+        raise InputError(f"{where}: num_processes must be a positive integer, got {processes!r}")
+    precision = str(config.get("mixed_precision", "no"))
+    if precision not in ("no", "fp16", "bf16"):
+        raise InputError(f"{where}: mixed_precision {precision!r}; this project trains in no, fp16 or bf16")
+    kind = str(config.get("distributed_type", "NO")).upper()
+    if kind == "FSDP" and processes < 2:
+        raise InputError(f"{where}: an FSDP config with num_processes {processes}; FSDP shards the model over "
+                         f"processes, so it needs at least 2 (one GPU: drop the config, or use --use_lora)")
+    return processes, precision
 
 
 if __name__ == "__main__":

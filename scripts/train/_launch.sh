@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Shared by the launchers (sourced): the reference's common settings (a gradient-norm clip of 1.0 with
 # both optimizers, the reference's bf16 numerics), GPU detection, the effective batch, and
-# `accelerate launch train.py`. The caller sets SDXL (0/1), METHOD, BETA, MU, LR and
-# optionally ALPHA; the user's extra flags ("$@") come last and override anything here.
+# `accelerate launch train.py`. The caller sets SDXL (0/1), METHOD, BETA, MU, LR, BATCH, ACCUM and
+# optionally ALPHA and LAUNCHER_FLAGS (an array: the LoRA launchers' own settings, after the common
+# ones); the user's extra flags ("$@") come last and override anything here.
+# ACCELERATE_CONFIG_FILE, when set, is the user's accelerate config (multi-node, FSDP, ...): it
+# decides the processes, machines, precision and dynamo settings, and the launcher passes none of its own.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 bash "$root/scripts/setup.sh"
 python="$root/.venv/bin/python"
-BATCH=8 ACCUM=32
 # A variable the environment leaves unset takes the default here; one set to "" is an error (below).
 if [ "$SDXL" = 1 ]; then
   MODEL_NAME="${MODEL_NAME-stabilityai/stable-diffusion-xl-base-1.0}"
   VAE_NAME="${VAE_NAME-madebyollin/sdxl-vae-fp16-fix}"
   settings=(MODEL_NAME VAE_NAME)
-  arch=(--sdxl --resolution=1024 --pretrained_vae_model_name_or_path="$VAE_NAME" --use_adafactor --gradient_checkpointing)
+  arch=(--sdxl --resolution=1024 --pretrained_vae_model_name_or_path="$VAE_NAME" --gradient_checkpointing)
+  [ "${LORA-0}" = 1 ] || arch+=(--use_adafactor)
 else
   MODEL_NAME="${MODEL_NAME-stable-diffusion-v1-5/stable-diffusion-v1-5}"
   settings=(MODEL_NAME)
@@ -24,29 +27,38 @@ DATASET_NAME="${DATASET_NAME-yuvalkirstain/pickapic_v2}"
 OUTPUT_DIR="${OUTPUT_DIR-outputs/$(basename "$0" .sh)}"
 settings+=(DATASET_NAME OUTPUT_DIR)
 export "${settings[@]}"
-# An empty setting or a NUM_GPUS that is not a positive integer ends here (one `error:` line, status 2);
-# otherwise this prints the GPU count: NUM_GPUS, or the GPUs torch finds.
-NUM_GPUS=$("$python" "$root/scripts/train/_check_env.py" "${settings[@]}")
+# An empty setting, a NUM_GPUS that is not a positive integer or an unusable ACCELERATE_CONFIG_FILE
+# ends here (one `error:` line, status 2); otherwise this prints the process count (the config's,
+# NUM_GPUS, or the GPUs torch finds) and the mixed precision (the config's, or bf16).
+checked=$("$python" "$root/scripts/train/_check_env.py" "${settings[@]}")
+read -r NUM_GPUS PRECISION <<< "$checked"
 echo "effective batch: $BATCH pairs per GPU x $ACCUM accumulation steps x $NUM_GPUS GPUs =" \
      "$((BATCH * ACCUM * NUM_GPUS)) pairs per step (the papers used 2048; extra flags may change this," \
      "train.py logs the batch it uses)"
-multi=()
-[ "$NUM_GPUS" -gt 1 ] && multi=(--multi_gpu)
+if [ -n "${ACCELERATE_CONFIG_FILE-}" ]; then
+  launch=(--config_file "$ACCELERATE_CONFIG_FILE")
+  # Multi-node: each machine's rank (and, when set, the main machine's address) over the file's.
+  [ -n "${MACHINE_RANK-}" ] && launch+=(--machine_rank "$MACHINE_RANK")
+  [ -n "${MAIN_PROCESS_IP-}" ] && launch+=(--main_process_ip "$MAIN_PROCESS_IP")
+else
+  launch=(--num_processes "$NUM_GPUS" --num_machines 1 --mixed_precision bf16 --dynamo_backend no)
+  [ "$NUM_GPUS" -gt 1 ] && launch=(--multi_gpu "${launch[@]}")
+fi
 cd "$root"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+[ "${LORA-0}" = 1 ] || LAUNCHER_FLAGS+=(--scale_lr)  # the reference scales its lr; diffusers' LoRA example does not
 train_args=(
   --pretrained_model_name_or_path="$MODEL_NAME" --dataset_name="$DATASET_NAME" --output_dir="$OUTPUT_DIR"
   "${arch[@]}" --train_batch_size=$BATCH --gradient_accumulation_steps=$ACCUM --dataloader_num_workers=16
   --max_train_steps=2000 --checkpointing_steps=500
-  --lr_scheduler=constant_with_warmup --lr_warmup_steps=500 --learning_rate="$LR" --scale_lr
-  --mixed_precision=bf16 --allow_tf32 --loss_precision=reference --max_grad_norm=1.0 --report_to=tensorboard
+  --lr_scheduler=constant_with_warmup --lr_warmup_steps=500 --learning_rate="$LR"
+  --mixed_precision="$PRECISION" --allow_tf32 --loss_precision=reference --max_grad_norm=1.0 --report_to=tensorboard
   --train_method="$METHOD" --beta_dpo="$BETA" --dmpo_alpha="${ALPHA:-0.0}"
   --use_winner_preserving --winner_preserving_mu="$MU"
-  "$@"
+  "${LAUNCHER_FLAGS[@]}" "$@"
 )
 # Check the settings, paths, checkpoint and data first, in this process: a mistake ends here with
 # our one-line message and exit status 2, not inside accelerate launch (which would turn it into
 # its own traceback and status 1).
 WORLD_SIZE="$NUM_GPUS" "$python" train.py "${train_args[@]}" --check_only >/dev/null
-exec "$python" -m accelerate.commands.launch "${multi[@]}" --num_processes "$NUM_GPUS" --num_machines 1 \
-  --mixed_precision bf16 --dynamo_backend no train.py "${train_args[@]}"
+exec "$python" -m accelerate.commands.launch "${launch[@]}" train.py "${train_args[@]}"
