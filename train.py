@@ -127,7 +127,7 @@ def parse_args(argv=None):
     a("--lr_warmup_steps", type=int, default=500, help="warmup, in optimizer steps")
     a("--use_adafactor", action=argparse.BooleanOptionalAction, default=None, help="Adafactor (default: on for SDXL)")
     a("--use_8bit_adam", action="store_true",
-      help="bitsandbytes' 8-bit AdamW (a CUDA GPU and pip install bitsandbytes): optimizer state in 8 bits")
+      help="bitsandbytes' 8-bit AdamW: the optimizer's two moments in 8 bits (block-wise quantised)")
     a("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
     a("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
     a("--adam_weight_decay", type=float, default=1e-2, help="weight decay (AdamW and Adafactor)")
@@ -308,16 +308,24 @@ def check_settings(args):
 # ---- models ----------------------------------------------------------------------------------
 
 
-def check_8bit_adam() -> None:
-    """--use_8bit_adam needs bitsandbytes and a CUDA GPU."""
-    import importlib.util
+def import_bitsandbytes():
+    """bitsandbytes, or one line saying why it cannot run here (not installed, or its library does
+    not load on this machine)."""
+    # At import, bitsandbytes' CPU backend warns that an optional 4-bit matmul kernel is missing;
+    # the 8-bit optimizers do not use it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    except Exception as err:  # ImportError, or its native library failing to load (OSError, RuntimeError)
+        raise InputError(f"--use_8bit_adam: bitsandbytes cannot be used here ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); pip install bitsandbytes, or leave the "
+                         f"flag out for torch's AdamW") from None
+    return bitsandbytes
 
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise InputError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes), or leave the "
-                         "flag out for torch's AdamW")
-    if not torch.cuda.is_available():
-        raise InputError("--use_8bit_adam: bitsandbytes' 8-bit AdamW runs on CUDA GPUs and this machine has none; "
-                         "leave the flag out for torch's AdamW")
+
+def check_8bit_adam() -> None:
+    """--use_8bit_adam needs bitsandbytes (its 8-bit AdamW runs on CUDA GPUs and, from 0.50, on CPUs)."""
+    import_bitsandbytes()
 
 
 def load_models(args):
@@ -347,8 +355,7 @@ def build_optimizer(args, params, lr, device=None):
     """Adafactor as the reference sets it up, bitsandbytes' 8-bit AdamW, or AdamW (fused on a GPU:
     one kernel per step)."""
     if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
+        bnb = import_bitsandbytes()
         return bnb.optim.AdamW8bit(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
                                    weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     if args.use_adafactor:
@@ -495,8 +502,13 @@ class Validation:
         device, batch_size = micro.device, micro.args.train_batch_size
         mine = list(range(accelerator.process_index, len(self.dataset), accelerator.num_processes))
         totals = torch.zeros(len(self.METRICS) + 1, dtype=torch.float64, device=device)
-        for start in range(0, len(mine), batch_size):
+        batches = math.ceil(len(mine) / batch_size)
+        if checkpoints.is_sharded(accelerator):  # in lockstep: each forward gathers shards from every process
+            batches = math.ceil(math.ceil(len(self.dataset) / accelerator.num_processes) / batch_size)
+        for start in range(0, batches * batch_size, batch_size):
             indices = mine[start : start + batch_size]
+            counted = len(indices)  # a process out of pairs runs pair 0 again and counts nothing
+            indices = indices or [0]
             batch = collate_pairs([self.dataset[(0, i)] for i in indices])
             B, k = batch.time_ids.shape[:2]
             mean, std = micro.posterior(batch)
@@ -512,9 +524,9 @@ class Validation:
                 model_pred, ref_pred, target = micro.predict(latents, noise, t, batch, with_grad=False)
                 loss, stats = micro.loss_and_stats(model_pred, ref_pred, target, t, "none", safeguard=False)
                 stats["loss"] = loss
-                values = [stats[m].double() * B if m in stats else torch.zeros((), device=device, dtype=torch.float64)
-                          for m in self.METRICS]
-                totals += torch.stack([*values, torch.tensor(float(B), device=device, dtype=torch.float64)])
+                values = [stats[m].double() * counted if m in stats
+                          else torch.zeros((), device=device, dtype=torch.float64) for m in self.METRICS]
+                totals += torch.stack([*values, torch.tensor(float(counted), device=device, dtype=torch.float64)])
         totals = accelerator.reduce(totals, reduction="sum").tolist()
         count = totals[-1]
         has_reference = micro.reference is not None
@@ -804,12 +816,15 @@ def save_validation_images(run: Run, step: int) -> None:
     from sdpo.sampling import sample
 
     args, accelerator = run.args, run.accelerator
-    if not accelerator.is_main_process:
+    # Sharded, every process runs the UNet (its forward gathers the shards); the main process saves.
+    if not accelerator.is_main_process and not checkpoints.is_sharded(accelerator):
         return
     unet = accelerator.unwrap_model(run.unet)
     scheduler = EulerDiscreteScheduler.from_config(run.inputs.noise_scheduler.config)
     folder = os.path.join(args.output_dir, "validation", f"step-{step}")
-    os.makedirs(folder, exist_ok=True)
+    main = accelerator.is_main_process
+    if main:
+        os.makedirs(folder, exist_ok=True)
     images = []
     unet.eval()
     with accelerator.autocast():
@@ -817,9 +832,12 @@ def save_validation_images(run: Run, step: int) -> None:
             for i in range(args.num_validation_images):
                 image = sample(unet, run.vae, run.prompt_encoder, scheduler, [prompt], args.resolution,
                                args.resolution, args.validation_sampling_steps, 7.5, args.seed + i, torch.float32)[0]
-                image.save(os.path.join(folder, f"{p}-{i}.png"))
+                if main:
+                    image.save(os.path.join(folder, f"{p}-{i}.png"))
                 images.append(image)
     unet.train()
+    if not main:
+        return
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np
@@ -849,6 +867,8 @@ def train_step(run: Run, batches) -> tuple[dict[str, float], str]:
         step_stats.append({"loss": loss.detach(), **stats})
     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf  # inf: measure the norm, clip nothing
     grad_norm = accelerator.clip_grad_norm_(unet.parameters(), max_norm)  # the norm before clipping
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+        grad_norm = grad_norm.full_tensor()
 
     # The step's one host sync: the micro-batch means, averaged over processes, with the gradient
     # norm. Every process sees the same numbers, so all skip a non-finite step alike.
@@ -935,7 +955,7 @@ def fit(run: Run) -> dict:
 
 def check_finite_weights(run: Run, step: int) -> None:
     """A checkpoint or a final model is never written from non-finite weights."""
-    if not checkpoints.weights_are_finite(run.accelerator.unwrap_model(run.unet)):
+    if not checkpoints.weights_are_finite(run.accelerator.unwrap_model(run.unet), run.accelerator):
         raise RunStopped(f"the weights are not finite after step {step}: nothing was saved (the last checkpoint "
                          f"holds finite weights); lower the learning rate")
 
@@ -946,6 +966,8 @@ def save_final(run: Run) -> None:
     args, accelerator = run.args, run.accelerator
     check_finite_weights(run, run.inputs.total_steps)
     accelerator.wait_for_everyone()
+    sharded = checkpoints.is_sharded(accelerator)
+    whole = checkpoints.full_state_dict(run.unet) if sharded else None  # gathered from every process's shards
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(run.unet)
         if args.use_lora:
@@ -959,7 +981,7 @@ def save_final(run: Run) -> None:
         if not args.use_lora or args.merge_lora:
             if args.use_lora:  # last: merging changes the model in place
                 model = lora.merged(model)
-            save_unet_atomic(model, args.output_dir)
+            save_unet_atomic(model, args.output_dir, whole)
         images = hub.validation_images(args.output_dir, run.inputs.total_steps, args.validation_prompts,
                                        args.num_validation_images)
         checkpoints.write_model_card(run.inputs.config, run.inputs.total_steps, run.inputs.num_pairs,
@@ -970,10 +992,19 @@ def save_final(run: Run) -> None:
             logger.info("uploaded %s to the hub as %s", args.output_dir, name)
 
 
-def save_unet_atomic(model, output_dir: str) -> None:
-    """output_dir/unet/ (diffusers folder, safetensors), written beside and renamed into place."""
+def save_unet_atomic(model, output_dir: str, state: dict | None = None) -> None:
+    """output_dir/unet/ (diffusers folder, safetensors), written beside and renamed into place;
+    `state`: the whole state dict of a sharded model (its parameters here are shards)."""
     tmp = os.path.join(output_dir, "unet.tmp")
-    model.save_pretrained(tmp)
+    if state is None:
+        model.save_pretrained(tmp)
+    else:  # the layout save_pretrained writes: config.json and one safetensors file
+        from safetensors.torch import save_file
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_config(tmp)
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, "diffusion_pytorch_model.safetensors"),
+                  metadata={"format": "pt"})
     final = os.path.join(output_dir, "unet")
     if os.path.exists(final):
         checkpoints.remove_tree(final)
@@ -1010,9 +1041,12 @@ def train(args):
         print(f"checked: the settings, paths and data of {args.output_dir} are usable")
         return {}
     accelerator = make_accelerator(args, mixed_precision)
-    if accelerator.distributed_type == "FSDP":  # (DistributedType is a str enum)
-        raise InputError("an FSDP accelerate config: sharded training is not supported yet (checkpoints and the "
-                         "final save assume whole models); use a multi-GPU (DDP) config, or --use_lora on one GPU")
+    if checkpoints.is_sharded(accelerator) and args.use_lora:
+        raise InputError("--use_lora with an FSDP accelerate config: the adapters are small, shard nothing; train "
+                         "LoRA with a multi-GPU (DDP) config or on one GPU")
+    if checkpoints.is_sharded(accelerator) and args.use_adafactor:
+        raise InputError("Adafactor with an FSDP accelerate config: transformers' Adafactor cannot update sharded "
+                         "(DTensor) parameters; add --no-use_adafactor (AdamW's state is sharded with the model)")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
     quiet_libraries()

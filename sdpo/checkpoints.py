@@ -6,6 +6,9 @@ run that wrote them (train_config.json, the settings a resume must match, the mo
   alone (`adapter_model.safetensors`, peft's names, and `adapter_config.json`), not the base;
 - `optimizer.pt`, `lr_scheduler.pt`: state dicts (tensors and numbers only, loaded with
   `weights_only=True`);
+- under FSDP, `sharded/` instead of `unet/` and `optimizer.pt`: the policy's and the optimizer's
+  sharded state, written by every process with `torch.distributed.checkpoint` (each process its
+  own shards; no process gathers the whole model);
 - `rng-<rank>.safetensors`: each process's torch CPU (and CUDA) generator state;
 - `trainer_state.json`: the global step and the run's settings, written last.
 
@@ -39,8 +42,11 @@ LEFTOVER_RE = re.compile(r"^(checkpoint-\d+|unet|lora)\.(tmp|deleting)$")
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "train_config.json"
 logger = logging.getLogger(__name__)
-REQUIRED_FILES = (STATE_FILE, "optimizer.pt", "lr_scheduler.pt", "rng-0.safetensors")
-MODEL_FILES = (os.path.join("unet", "config.json"), os.path.join("lora", "adapter_model.safetensors"))  # one of them
+REQUIRED_FILES = (STATE_FILE, "lr_scheduler.pt", "rng-0.safetensors")
+# The model's state comes in one of these forms: a whole UNet, LoRA adapters, or FSDP shards.
+MODEL_FORMS = ((os.path.join("unet", "config.json"), "optimizer.pt"),
+               (os.path.join("lora", "adapter_model.safetensors"), "optimizer.pt"),
+               (os.path.join("sharded", ".metadata"),))
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -58,9 +64,14 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
 
 def missing_files(path: str) -> list[str]:
     """What a checkpoint folder lacks of the files a resume reads."""
-    missing = [name for name in REQUIRED_FILES if not os.path.isfile(os.path.join(path, name))]
-    if not any(os.path.isfile(os.path.join(path, name)) for name in MODEL_FILES):
-        missing.append(" or ".join(MODEL_FILES))
+    def absent(names):
+        return [name for name in names if not os.path.isfile(os.path.join(path, name))]
+
+    missing = absent(REQUIRED_FILES)
+    forms = [absent(form) for form in MODEL_FORMS]
+    if all(forms):  # no form complete: name what the closest one lacks
+        missing += min(forms, key=len) if any(len(f) < len(form) for f, form in zip(forms, MODEL_FORMS)) else [
+            " or ".join(form[0] for form in MODEL_FORMS)]
     return missing
 
 
@@ -98,6 +109,8 @@ def check_readable(path: str) -> None:
     """The optimizer and schedule state of a checkpoint must load (memory-mapped: nothing is read
     but the file's index); a truncated one is reported before any model loads."""
     for name in ("optimizer.pt", "lr_scheduler.pt"):
+        if name == "optimizer.pt" and not os.path.isfile(os.path.join(path, name)):
+            continue  # a sharded checkpoint keeps the optimizer in sharded/
         try:
             torch.load(os.path.join(path, name), map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:
@@ -123,9 +136,37 @@ def clean_output_dir(output_dir: str) -> list[str]:
     return removed
 
 
-def weights_are_finite(model) -> bool:
-    """Whether every parameter of a model is finite (one host sync)."""
-    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: its shard under FSDP2 (a DTensor), else the tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def is_sharded(accelerator) -> bool:
+    """Whether the policy is sharded over the processes (accelerate's FSDP)."""
+    return accelerator is not None and accelerator.distributed_type == "FSDP"  # a str enum
+
+
+def weights_are_finite(model, accelerator=None) -> bool:
+    """Whether every parameter of a model is finite (one host sync); sharded, over every process's shards."""
+    finite = torch.stack([local(p.detach()).isfinite().all() for p in model.parameters()]).all()
+    if is_sharded(accelerator):
+        finite = accelerator.reduce(finite.float().reshape(1), reduction="sum") == accelerator.num_processes
+    return bool(finite)
+
+
+def sharded_state(unet, optimizer):
+    """The policy's and the optimizer's sharded state dicts (torch.distributed.checkpoint's form)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(unet, getattr(optimizer, "optimizer", optimizer))
+
+
+def full_state_dict(unet) -> dict:
+    """The whole policy's state dict on the main process's CPU (gathered from the shards; every
+    process must call this), empty on the others."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(unet, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -150,6 +191,18 @@ def _fsync_tree(folder: str) -> None:
                 os.fsync(f.fileno())
 
 
+def _save_whole(model, optimizer, folder: str) -> None:
+    """The policy (a UNet, or its LoRA adapters alone) and the optimizer's state, from one process."""
+    if lora.has_adapters(model):
+        os.makedirs(os.path.join(folder, "lora"))
+        save_file(lora.adapter_state(model), os.path.join(folder, "lora", lora.ADAPTER_FILE))
+        with open(os.path.join(folder, "lora", "adapter_config.json"), "w") as f:
+            json.dump(lora.adapter_config(model), f, indent=2, default=str)
+    else:
+        model.save_pretrained(os.path.join(folder, "unet"))
+    torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
+
+
 def save_checkpoint(accelerator, output_dir, step, unet, optimizer, lr_scheduler, state: dict, total_limit=None):
     """Write checkpoint-<step> atomically. Every process writes its RNG state; the main process
     writes the rest, renames the folder into place and prunes old checkpoints."""
@@ -160,17 +213,15 @@ def save_checkpoint(accelerator, output_dir, step, unet, optimizer, lr_scheduler
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
     save_file(rng_state(), os.path.join(tmp, f"rng-{accelerator.process_index}.safetensors"))
+    if is_sharded(accelerator):  # every process writes its shards
+        import torch.distributed.checkpoint as dcp
+
+        model_state, optimizer_state = sharded_state(unet, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=os.path.join(tmp, "sharded"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(unet)
-        if lora.has_adapters(model):
-            os.makedirs(os.path.join(tmp, "lora"))
-            save_file(lora.adapter_state(model), os.path.join(tmp, "lora", lora.ADAPTER_FILE))
-            with open(os.path.join(tmp, "lora", "adapter_config.json"), "w") as f:
-                json.dump(lora.adapter_config(model), f, indent=2, default=str)
-        else:
-            model.save_pretrained(os.path.join(tmp, "unet"))
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        if not is_sharded(accelerator):
+            _save_whole(accelerator.unwrap_model(unet), optimizer, tmp)
         torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
         if getattr(accelerator, "scaler", None) is not None:  # fp16: the gradient scaler's scale
             torch.save(accelerator.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
@@ -194,11 +245,24 @@ def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler) -> None:
     from sdpo.models import pretrained
 
     model = accelerator.unwrap_model(unet)
+    shards = os.path.join(path, "sharded")
+    if is_sharded(accelerator) != os.path.isdir(shards):
+        held, trained = ("FSDP shards", "whole") if os.path.isdir(shards) else ("a whole model", "sharded (FSDP)")
+        raise InputError(f"--resume_from_checkpoint: {path} holds {held}; this run's model is {trained}")
     adapters = os.path.join(path, "lora", lora.ADAPTER_FILE)
-    if lora.has_adapters(model) != os.path.isfile(adapters):
+    if is_sharded(accelerator):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        model_state, optimizer_state = sharded_state(unet, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=shards)
+        set_state_dict(unet, getattr(optimizer, "optimizer", optimizer), model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+    elif lora.has_adapters(model) != os.path.isfile(adapters):
         held, trained = ("LoRA adapters", "the whole UNet") if os.path.isfile(adapters) else ("a whole UNet", "LoRA")
         raise InputError(f"--resume_from_checkpoint: {path} holds {held}; this run trains {trained}")
-    if lora.has_adapters(model):
+    elif lora.has_adapters(model):
         try:
             state = load_file(adapters)
         except Exception as err:
@@ -210,7 +274,9 @@ def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler) -> None:
         check_same_shapes(saved, model, f"checkpoint {path}", "the model being trained")
         model.load_state_dict(saved.state_dict())
         del saved
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location="cpu"))
+    if not is_sharded(accelerator):
+        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True,
+                                             map_location="cpu"))
     lr_scheduler.load_state_dict(torch.load(os.path.join(path, "lr_scheduler.pt"), weights_only=True))
     scaler_file = os.path.join(path, "scaler.pt")
     if getattr(accelerator, "scaler", None) is not None and os.path.isfile(scaler_file):

@@ -57,6 +57,10 @@ def test_lora_counts_the_adapters_off_forward_as_the_reference(tiny):
     assert lora["unet_parameters"] == full["unet_parameters"] + lora["trainable_parameters"]
     assert lora["flops"]["reference"] == full["flops"]["reference"] > 0  # the base UNet's forward, bitwise the count
     assert lora["flops"]["optimizer"] * 2 == (14 + 3) * lora["trainable_parameters"]  # per pair, batch 2
+    eight_bit = bench.main(["--pretrained", tiny["sd15"], "--resolution", "32", "--batch_size", "2", "--count_only",
+                            "--use_lora", "--lora_rank", "4", "--use_8bit_adam"])
+    assert eight_bit["optimizer"] == "AdamW8bit"
+    assert eight_bit["flops"]["optimizer"] * 2 == (20 + 3) * lora["trainable_parameters"]
     # The frozen base needs no weight gradients: the policy's backward costs about one forward, not two.
     assert 1.5 * lora["flops"]["reference"] < lora["flops"]["policy"] < 0.8 * full["flops"]["policy"]
 

@@ -284,3 +284,34 @@ def test_generation_refuses_a_lora_of_another_base(tiny, tmp_path, capsys):
         assert exit_info.value.code == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("error: ") and ("do not fit" in last or "not a folder holding" in last), last
+
+
+def test_8bit_adam_keeps_its_moments_in_8_bits_and_resumes_bitwise(tiny, tmp_path):
+    """bitsandbytes' AdamW8bit (it runs on a CPU from 0.50): the moments of every tensor of at least
+    4096 elements are stored as uint8 codes with block maxima; a resume continues bitwise."""
+    common = ["--use_8bit_adam", "--max_train_steps", "2", "--checkpointing_steps", "1", "--learning_rate", "1e-3"]
+    straight = tmp_path / "straight"
+    run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(straight), *common))
+    config = json.loads((straight / "train_config.json").read_text())
+    assert config["derived"]["optimizer"] == "AdamW8bit"
+    state = torch.load(straight / "checkpoint-2" / "optimizer.pt", weights_only=True)["state"]
+    state = [s.get("__bnb_optimizer_quant_state__", s) for s in state.values()]  # how bitsandbytes saves it
+    quantised = [s for s in state if s["state1"].dtype == torch.uint8]
+    assert quantised and all(s["state2"].dtype == torch.uint8 and "absmax1" in s for s in quantised)
+    weights = unet_weights(os.path.join(tiny["sd15"], "unet"))
+    assert len(quantised) == sum(1 for v in weights.values() if v.numel() >= 4096)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-1", resumed / "checkpoint-1")
+    run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(resumed), *common))
+    assert same_tensors(unet_weights(straight / "unet"), unet_weights(resumed / "unet"))
+
+
+def test_8bit_adam_without_bitsandbytes_ends_in_one_line(tiny, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from test_train_inputs import expect_one_line_error
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed: import raises ImportError
+    expect_one_line_error(capsys, tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path), "--use_8bit_adam"),
+                          "--use_8bit_adam: bitsandbytes cannot be used here", "pip install bitsandbytes")

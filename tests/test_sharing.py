@@ -38,7 +38,7 @@ def test_lora_launchers_record_their_settings(tiny, tmp_path, launcher):
     assert config["learning_rate"] == 1e-5 and not config["scale_lr"]
     assert config["lr_scheduler"] == "constant" and config["lr_warmup_steps"] == 0
     assert config["gradient_checkpointing"] and not config["use_adafactor"]
-    assert config["derived"]["reference_role"] == "adapters-off" and config["derived"]["optimizer"] == "AdamW"
+    assert config["derived"]["reference_role"] == "adapters-off" and config["derived"]["optimizer"] == "AdamW8bit"
 
 
 def test_a_lora_launcher_trains_and_refuses_a_bad_rank(tiny, tmp_path):

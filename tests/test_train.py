@@ -125,7 +125,7 @@ def test_resume_is_bitwise_exact(tiny, tmp_path):
 
 def test_latest_ignores_incomplete_checkpoints(tmp_path):
     complete = tmp_path / "checkpoint-3"
-    for name in (*checkpoints.REQUIRED_FILES, checkpoints.MODEL_FILES[0]):  # a UNet (or lora/) is required too
+    for name in (*checkpoints.REQUIRED_FILES, *checkpoints.MODEL_FORMS[0]):  # a model form is required too
         (complete / name).parent.mkdir(parents=True, exist_ok=True)
         (complete / name).write_text("{}")
     (tmp_path / "checkpoint-5.tmp").mkdir()  # killed while writing
@@ -605,14 +605,16 @@ def test_compile_trains_like_eager(tiny, tmp_path, monkeypatch):
     torch._dynamo.reset()
     counters.clear()
     monkeypatch.setattr(cpu_vec_isa.VecISA, "check_build", lambda self, code: False)  # as a timed-out probe
-    monkeypatch.setattr(inductor, "force_disable_caches", True)
-    monkeypatch.setattr(inductor.cpp, "vec_isa_ok", None)  # as a fresh process, before train.py sets it
     cpu_vec_isa.valid_vec_isa_list.cache_clear()
     cpu_vec_isa.VecISA._VecISA__bool__impl.cache_clear()
+    # inductor's own patch(), which puts both settings back afterwards (monkeypatch's undo leaves
+    # force_disable_caches undefined for later compiles in this process)
     try:
-        compiled = run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "compiled"), *common,
-                                                  "--compile"))
-        picked = cpu_vec_isa.pick_vec_isa()  # what the kernels were built for, the probe failing
+        with inductor.patch({"force_disable_caches": True,
+                             "cpp.vec_isa_ok": None}):  # as a fresh process, before train.py sets it
+            compiled = run_in_process(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / "compiled"),
+                                                      *common, "--compile"))
+            picked = cpu_vec_isa.pick_vec_isa()  # what the kernels were built for, the probe failing
     finally:
         cpu_vec_isa.valid_vec_isa_list.cache_clear()
         cpu_vec_isa.VecISA._VecISA__bool__impl.cache_clear()

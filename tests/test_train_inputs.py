@@ -165,7 +165,6 @@ BAD_SETTINGS = [
      ["--lora_target_modules 'no_such_layer' matches no Linear or Conv2d module"]),
     (["--use_lora", "--train_method", "sft", "--ref_unet", "base"], ["--ref_unet needs a preference objective"]),
     (["--merge_lora"], ["--merge_lora needs --use_lora"]),
-    (["--use_8bit_adam"], ["--use_8bit_adam"]),
     (["--use_8bit_adam", "--use_adafactor"], ["--use_8bit_adam and Adafactor exclude each other"]),
     (["--hub_model_id", "me/model"], ["--hub_model_id needs --push_to_hub"]),
 ]
