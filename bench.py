@@ -88,7 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--use_lora", action="store_true",
                    help="LoRA adapters on the frozen UNet, the base with adapters off as the reference (train.py --use_lora)")
     p.add_argument("--lora_rank", type=int, default=8, help="LoRA rank (train.py --lora_rank)")
-    p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (a CUDA GPU)")
+    p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (train.py --use_8bit_adam)")
     p.add_argument("--compare", choices=["reference-settings"], default=None,
                    help="also time our step with the reference's settings (images encoded every step, its loss "
                         "precision, no compile) and print the speed-up: our code both times; the reference's own "
@@ -282,7 +282,7 @@ def count_flops(run, batches) -> dict:
     if checkpointing:
         unet.disable_gradient_checkpointing()
     micro = run.compute_loss
-    reference_flops = []
+    reference_flops, reference_in_unet = [], []  # all of the reference's; what the counter also put under the UNet
     if micro.reference is not None:  # counted apart: with LoRA it is the policy's own module
         reference = micro.reference
 
@@ -290,6 +290,7 @@ def count_flops(run, batches) -> dict:
             with FlopCounterMode(display=False) as inner:
                 out = reference(*args, **kwargs)
             reference_flops.append(inner.get_total_flops())
+            reference_in_unet.append(sum(inner.get_flop_counts().get("UNet2DConditionModel", {}).values()))
             return out
 
         micro.reference = counted_reference
@@ -330,11 +331,11 @@ def count_flops(run, batches) -> dict:
     per_parameter = OPTIMIZER_FLOPS_PER_PARAMETER[type(optimizer).__name__] + GRAD_NORM_FLOPS_PER_PARAMETER
     parts = {"vae": sum(vae_flops),
              "text": modules.get("CLIPTextModel", 0) + modules.get("CLIPTextModelWithProjection", 0),
-             "policy": modules.get("UNet2DConditionModel", 0) - sum(reference_flops),
+             "policy": modules.get("UNet2DConditionModel", 0) - sum(reference_in_unet),
              "reference": sum(reference_flops),
              "optimizer": optimizer_counter.get_total_flops() + per_parameter * trainable}
     parts["total"] = counter.get_total_flops() + parts["optimizer"]
-    parts["policy_forward"] = by_module(forward_counter).get("UNet2DConditionModel", 0) - sum(reference_flops)
+    parts["policy_forward"] = by_module(forward_counter).get("UNet2DConditionModel", 0) - sum(reference_in_unet)
     parts["trainable_parameters"] = trainable
     parts["unet_parameters"] = sum(p.numel() for p in unet.parameters())
     return parts

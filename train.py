@@ -257,6 +257,15 @@ def check_settings(args):
     if args.use_8bit_adam:
         check_8bit_adam()
     check(not (args.hub_model_id and not args.push_to_hub), "--hub_model_id needs --push_to_hub")
+    check(not (args.hub_private_repo and not args.push_to_hub), "--hub_private_repo needs --push_to_hub")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # accelerate launch with an FSDP config
+        check(not args.use_lora, "--use_lora with an FSDP accelerate config: the adapters are small, there is "
+                                 "nothing to shard; train LoRA with a multi-GPU (DDP) config or on one GPU")
+        check(not args.use_adafactor, "Adafactor with an FSDP accelerate config: transformers' Adafactor cannot update "
+                                      "sharded (DTensor) parameters; add --no-use_adafactor (AdamW's state is sharded "
+                                      "with the model)")
+        check(not args.use_8bit_adam, "--use_8bit_adam with an FSDP accelerate config: bitsandbytes' 8-bit AdamW on "
+                                      "sharded (DTensor) parameters is untested here; leave the flag out")
     if args.timestep_range is not None:
         lo, hi = args.timestep_range
         check(0 <= lo < hi, f"--timestep_range {lo} {hi}: needs 0 <= MIN < MAX (timesteps are drawn from [MIN, MAX))")
@@ -311,10 +320,7 @@ def check_settings(args):
 def import_bitsandbytes():
     """bitsandbytes, or one line saying why it cannot run here (not installed, or its library does
     not load on this machine)."""
-    # At import, bitsandbytes' CPU backend warns that an optional 4-bit matmul kernel is missing;
-    # the 8-bit optimizers do not use it.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    try:
+    try:  # (sdpo.lora quiets its import-time warning about a 4-bit kernel)
         import bitsandbytes
     except Exception as err:  # ImportError, or its native library failing to load (OSError, RuntimeError)
         raise InputError(f"--use_8bit_adam: bitsandbytes cannot be used here ({type(err).__name__}: "
@@ -496,6 +502,14 @@ class Validation:
 
     @torch.no_grad()
     def __call__(self) -> dict[str, float]:
+        unet = self.compute_loss.unet
+        unet.eval()  # no dropout (LoRA's): the same weights give the same numbers
+        try:
+            return self._score()
+        finally:
+            unet.train()
+
+    def _score(self) -> dict[str, float]:
         from sdpo.data import collate_pairs
 
         micro, accelerator = self.compute_loss, self.compute_loss.accelerator
@@ -710,7 +724,8 @@ class Run:
 
 
 def compile_models(models_: list, device) -> None:
-    """torch.compile the UNets in place (the modules and their state dicts keep their names).
+    """torch.compile the policy UNet and the reference in place (the modules and their state dicts
+    keep their names; the reference compiles what it calls).
 
     On a CPU, inductor vectorises its kernels for the widest instruction set that a build-and-load
     probe accepts, and the vector width changes the arithmetic (reductions add in another order):
@@ -772,7 +787,7 @@ def setup(args: Settings, accelerator, inputs: Inputs, parts=None, device=None) 
     optimizer = build_optimizer(args, trainable, inputs.config["derived"]["effective_lr"], device)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     if args.compile:
-        compile_models([unet, *(reference.modules() if reference else [])], device)
+        compile_models([unet, *([reference] if reference else [])], device)
     # The reference steps its prepared scheduler once per optimizer step per process, with warmup
     # and length multiplied by the process count: the warmup counts optimizer steps. So do we.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -978,9 +993,11 @@ def save_final(run: Run) -> None:
             os.replace(written, os.path.join(args.output_dir, lora.LORA_WEIGHTS))
             os.rmdir(tmp)
             logger.info("saved the LoRA adapters to %s", os.path.join(args.output_dir, lora.LORA_WEIGHTS))
-        if not args.use_lora or args.merge_lora:
-            if args.use_lora:  # last: merging changes the model in place
-                model = lora.merged(model)
+            if args.merge_lora:
+                save_unet_atomic(merged_unet(args, model), args.output_dir)
+            elif os.path.exists(os.path.join(args.output_dir, "unet")):  # an earlier --merge_lora save's: stale now
+                checkpoints.remove_tree(os.path.join(args.output_dir, "unet"))
+        else:
             save_unet_atomic(model, args.output_dir, whole)
         images = hub.validation_images(args.output_dir, run.inputs.total_steps, args.validation_prompts,
                                        args.num_validation_images)
@@ -988,8 +1005,18 @@ def save_final(run: Run) -> None:
                                      os.path.join(args.output_dir, "README.md"), images)
         if args.push_to_hub:
             name = hub.push(args.output_dir, args.hub_model_id, args.hub_private_repo,
-                            hub.upload_files(args.output_dir, images))
+                            hub.upload_files(args.output_dir, images, args.use_lora, args.merge_lora))
             logger.info("uploaded %s to the hub as %s", args.output_dir, name)
+
+
+def merged_unet(args, trained):
+    """The trained adapters merged into a fresh fp32 copy of the UNet they were trained on (the
+    run's own base is in the weight dtype: merging there would round the base weights to it)."""
+    base = models.load_unet(models.policy_source(args), args.pretrained_model_name_or_path, "--unet_init",
+                            revision=args.revision, cache_dir=args.cache_dir)
+    lora.add_adapters(base, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+    lora.load_adapter_state(base, lora.adapter_state(trained), "the trained adapters")
+    return lora.merged(base)
 
 
 def save_unet_atomic(model, output_dir: str, state: dict | None = None) -> None:
@@ -1041,12 +1068,6 @@ def train(args):
         print(f"checked: the settings, paths and data of {args.output_dir} are usable")
         return {}
     accelerator = make_accelerator(args, mixed_precision)
-    if checkpoints.is_sharded(accelerator) and args.use_lora:
-        raise InputError("--use_lora with an FSDP accelerate config: the adapters are small, shard nothing; train "
-                         "LoRA with a multi-GPU (DDP) config or on one GPU")
-    if checkpoints.is_sharded(accelerator) and args.use_adafactor:
-        raise InputError("Adafactor with an FSDP accelerate config: transformers' Adafactor cannot update sharded "
-                         "(DTensor) parameters; add --no-use_adafactor (AdamW's state is sharded with the model)")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
     quiet_libraries()

@@ -208,6 +208,7 @@ def check_args(args) -> None:
         checks.check(lora.is_lora_folder(args.lora_path),
                      f"--lora_path {args.lora_path}: not a folder holding {lora.LORA_WEIGHTS} (a train.py --use_lora "
                      f"output folder)")
+        check_lora_base(args)
     checks.check(args.unet_path == "base" or os.path.exists(args.unet_path),
                  f"--unet_path {args.unet_path!r}: not found (give 'base', a folder, a .safetensors or a .pth file)")
     if args.vae_path is not None and not os.path.isdir(args.vae_path):
@@ -224,6 +225,42 @@ def check_args(args) -> None:
     check_output_dir(args.output_path, "--output_path")
     name = run_name(args.test_json, args.seed, args.height, args.width, args.steps, args.cfg)
     args.image_dir = check_output_dir(os.path.join(args.output_path, name), "--output_path")
+
+
+def same_model(a: str, b: str) -> bool | None:
+    """Whether two model sources name the same model: equal strings, or local paths to the same
+    folder or file (a train.py output dir and its unet/ count as one); None when one is local and
+    the other a hub id (a local copy of a hub model cannot be told apart)."""
+    if a == b:
+        return True
+    if "base" in (a, b):  # the base pipeline's own UNet, and another one
+        return False
+    local_a, local_b = os.path.exists(a), os.path.exists(b)
+    if local_a and local_b:
+        where = [models.unet_folder(p) or p if os.path.isdir(p) else p for p in (a, b)]
+        return os.path.samefile(*where)
+    return None if local_a != local_b else False
+
+
+def check_lora_base(args) -> None:
+    """A LoRA that train.py wrote records what it was trained on (train_config.json beside it): it
+    is refused on another base pipeline or UNet. (A LoRA from elsewhere has only its shapes checked.)"""
+    path = os.path.join(args.lora_path, "train_config.json")
+    if not os.path.isfile(path):
+        return
+    config = checks.read_json(path, "--lora_path")
+    base, unet = config.get("pretrained_model_name_or_path"), config.get("unet_init") or "base"
+    if not isinstance(base, str):
+        return
+    for flag, trained, given in (("--pretrain_path", base, args.pretrain_path), ("--unet_path", unet, args.unet_path)):
+        same = same_model(trained, given)
+        if same is False:
+            raise InputError(f"--lora_path {args.lora_path} was trained on {base}" +
+                             (f" with --unet_init {unet}" if unet != "base" else "") +
+                             f", not on {flag} {given}; generate with --pretrain_path {base} --unet_path {unet}")
+        if same is None:
+            print(f"warning: --lora_path {args.lora_path} was trained on {flag} {trained}; generating on {given}, "
+                  f"which may be the same model")
 
 
 def check_steps(steps: int, base: str) -> None:

@@ -68,10 +68,13 @@ def missing_files(path: str) -> list[str]:
         return [name for name in names if not os.path.isfile(os.path.join(path, name))]
 
     missing = absent(REQUIRED_FILES)
-    forms = [absent(form) for form in MODEL_FORMS]
-    if all(forms):  # no form complete: name what the closest one lacks
-        missing += min(forms, key=len) if any(len(f) < len(form) for f, form in zip(forms, MODEL_FORMS)) else [
-            " or ".join(form[0] for form in MODEL_FORMS)]
+    gaps = [absent(form) for form in MODEL_FORMS]
+    if all(gaps):  # no form of the model's state is complete
+        started = [gap for gap, form in zip(gaps, MODEL_FORMS) if len(gap) < len(form)]
+        if started:  # what the form that was begun lacks
+            missing += min(started, key=len)
+        else:
+            missing.append(" or ".join(form[0] for form in MODEL_FORMS))
     return missing
 
 
@@ -355,9 +358,16 @@ PATH_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_
                  "ref_unet", "latent_cache")
 
 
+# Result-changing settings added after checkpoints were first written, with the value that gives
+# the behaviour from before: a checkpoint that does not record one of them resumes with that value.
+ADDED_LATER = {"use_lora": False, "use_8bit_adam": False}
+
+
 def result_settings(config: dict) -> dict:
     """The settings that change a run's result (see RESUMABLE_CHANGES), JSON-normalised."""
     kept = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+    if not kept.get("use_lora"):  # the LoRA settings mean nothing without --use_lora
+        kept = {k: v for k, v in kept.items() if not k.startswith("lora_")}
     for key in PATH_SETTINGS:  # the same folder however it is spelled
         if kept.get(key) and os.path.exists(kept[key]):
             kept[key] = os.path.realpath(kept[key])
@@ -370,7 +380,8 @@ def check_same_settings(resume_path: str, recorded: dict | None, now: dict) -> N
     if recorded is None:  # written before checkpoints recorded their settings
         logger.warning("%s records no settings: cannot check that it matches this run", resume_path)
         return
-    differ = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
+    differ = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k)
+                    and not (k not in recorded and ADDED_LATER.get(k, object()) == now.get(k)))
     if differ:
         shown = "; ".join(f"--{k} {recorded.get(k)!r} there, {now.get(k)!r} now" for k in differ[:4])
         more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""

@@ -26,13 +26,14 @@ def validation_images(output_dir: str, step: int, prompts, per_prompt: int) -> l
     return found
 
 
-def upload_files(output_dir: str, images: list[tuple[str, str]]) -> list[str]:
-    """The files of output_dir that go up, relative to it, sorted."""
+def upload_files(output_dir: str, images: list[tuple[str, str]], use_lora: bool, merge_lora: bool) -> list[str]:
+    """The files of output_dir that go up, relative to it, sorted: this run's result only (not a
+    LoRA file or a unet/ that an earlier run with other settings left in the folder)."""
     files = [CONFIG_FILE, "README.md", *(image for _, image in images)]
-    if os.path.isfile(os.path.join(output_dir, LORA_WEIGHTS)):
+    if use_lora:
         files.append(LORA_WEIGHTS)
     unet = os.path.join(output_dir, "unet")
-    if os.path.isdir(unet):
+    if (merge_lora or not use_lora) and os.path.isdir(unet):
         files += [f"unet/{name}" for name in os.listdir(unet)]
     return sorted(f for f in files if os.path.isfile(os.path.join(output_dir, f)))
 

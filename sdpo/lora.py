@@ -20,11 +20,17 @@ Files:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
 
 from sdpo.errors import InputError, first_line
+
+# peft imports bitsandbytes when it is installed, and at import its CPU backend warns that an
+# optional 4-bit matmul kernel ("kernels-community") is missing: nothing here uses 4-bit matmuls,
+# and the 8-bit optimizers (train.py --use_8bit_adam) do not need it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 DEFAULT_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name, what load_lora_weights looks for
@@ -128,7 +134,7 @@ def save_diffusers_lora(unet, folder: str, sdxl: bool) -> str:
 
 def merged(unet):
     """The UNet with its adapters merged into the base weights and removed (in place): a plain
-    UNet. The merge is computed in the base's dtype (the weight dtype of the run)."""
+    UNet, in the base's dtype."""
     unet.fuse_lora()
     unet.unload_lora()
     return unet
@@ -175,8 +181,11 @@ class FrozenReference:
         self.unet = unet
 
     def modules(self) -> list[torch.nn.Module]:
-        """The modules this role owns (to cast, compile, move), beside the policy's."""
+        """The modules this role owns (to cast and move), beside the policy's."""
         return [self.unet]
+
+    def compile(self) -> None:
+        self.unet.compile()
 
     def __call__(self, sample, timestep, **kwargs):
         return self.unet(sample, timestep, **kwargs).sample
@@ -184,14 +193,22 @@ class FrozenReference:
 
 class AdaptersOff:
     """The policy itself with its LoRA adapters switched off: the base UNet, no second copy.
-    `policy` is the bare (not DDP-wrapped) UNet; under no_grad nothing needs the wrapper."""
+
+    It runs the UNet class's own forward on the bare (not DDP-wrapped) policy: under no_grad nothing
+    needs the DDP wrapper, and under mixed precision accelerator.prepare puts an autocast wrapper on
+    the module's forward, which would decide the reference's numerics. Without it the caller decides
+    them, as for a frozen copy (MicroBatchLoss: pure weight dtype for --loss_precision reference)."""
 
     def __init__(self, policy):
         self.policy = policy
+        self.forward = type(policy).forward.__get__(policy)
 
     def modules(self) -> list[torch.nn.Module]:
         return []
 
+    def compile(self) -> None:
+        self.forward = torch.compile(self.forward)
+
     def __call__(self, sample, timestep, **kwargs):
         with adapters_disabled(self.policy):
-            return self.policy(sample, timestep, **kwargs).sample
+            return self.forward(sample, timestep, **kwargs).sample

@@ -136,7 +136,8 @@ def test_sharded_and_whole_checkpoints_do_not_mix_and_bad_combinations_end_in_on
     assert result.returncode != 0
     assert "holds FSDP shards; this run's model is whole" in last_error(result)
     for flags, message in ((["--use_lora"], "--use_lora with an FSDP accelerate config"),
-                           (["--use_adafactor"], "Adafactor with an FSDP accelerate config")):
+                           (["--use_adafactor"], "Adafactor with an FSDP accelerate config"),
+                           (["--use_8bit_adam"], "--use_8bit_adam with an FSDP accelerate config")):
         result = run_two(tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path / flags[0]), "--max_train_steps",
                                          "1", *flags))
         assert result.returncode != 0 and message in last_error(result), result.stderr[-2000:]
@@ -147,5 +148,5 @@ def test_the_fsdp_config_passes_the_launchers_check():
                             capture_output=True, text=True,
                             env={**os.environ, "ACCELERATE_CONFIG_FILE": os.path.join(ROOT, "scripts", "accelerate",
                                                                                      "fsdp.yaml")})
-    assert result.returncode == 0 and result.stdout.split() == ["8", "bf16"], result.stderr
+    assert result.returncode == 0 and result.stdout.split() == ["8", "bf16", "FSDP"], result.stderr
     assert fsdp_env()["FSDP_VERSION"] == "2"

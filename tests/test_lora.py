@@ -216,25 +216,36 @@ def test_lora_compiles_and_trains_like_eager(tiny, tmp_path):
 def test_lora_with_validation_and_fp32_losses_under_bf16(tiny, tmp_path, monkeypatch):
     """The options around the loss work with LoRA: bf16 with fp32 losses, held-out validation and
     validation images; the base stays in bf16 and the adapters in fp32."""
-    dtypes = {}
+    dtypes, validations = {}, []
     original = train.save_final
 
     def spy(run):
         for name, p in run.accelerator.unwrap_model(run.unet).named_parameters():
             dtypes.setdefault("adapters" if p.requires_grad else "base", set()).add(p.dtype)
+        # Validation runs without LoRA's dropout: the same weights give the same numbers.
+        validations.extend([run.validation(), run.validation()])
+        assert run.unet.training
         original(run)
 
     monkeypatch.setattr(train, "save_final", spy)
     logs = run_in_process(lora_args(
         tiny, tmp_path, "--max_train_steps", "2", "--mixed_precision", "bf16", "--loss_precision", "fp32",
         "--validation_pairs", "4", "--validation_steps", "1", "--validation_prompts", "a cat",
-        "--validation_sampling_steps", "2", "--use_winner_preserving", "--winner_preserving_mu", "0.9"))
+        "--validation_sampling_steps", "2", "--use_winner_preserving", "--winner_preserving_mu", "0.9",
+        "--lora_dropout", "0.5", "--learning_rate", "1e-2", "--merge_lora"))
     assert math.isfinite(logs["loss"])
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     val = [m for m in metrics if "val_implicit_acc" in m]
     assert val[0]["val_winner_minus_ref"] == 0.0  # before the first step the policy is the reference
     assert (tmp_path / "validation" / "step-2" / "0-0.png").is_file()
     assert dtypes == {"base": {torch.bfloat16}, "adapters": {torch.float32}}
+    assert validations[0] == validations[1] and validations[0]["val_winner_minus_ref"] != 0.0
+    # --merge_lora merges into a fresh fp32 copy of the base: the untouched weights are the base's, bitwise.
+    merged, base = unet_weights(tmp_path / "unet"), unet_weights(os.path.join(tiny["sd15"], "unet"))
+    assert all(v.dtype == torch.float32 for v in merged.values())
+    untouched = [k for k in base if not any(f".{t}." in k for t in lora.DEFAULT_TARGETS)]
+    assert untouched and all(torch.equal(merged[k], base[k]) for k in untouched)
+    assert any(not torch.equal(merged[k], base[k]) for k in base if k not in untouched)
     saved = load_file(tmp_path / lora.LORA_WEIGHTS)
     assert all(v.dtype == torch.float32 for v in saved.values())
 
@@ -272,18 +283,31 @@ def test_generation_takes_a_lora_folder_and_records_it(tiny, trained_lora, tmp_p
 def test_generation_refuses_a_lora_of_another_base(tiny, tmp_path, capsys):
     from eval.generate import main as generate_main
     from eval.prompts import record, write_suite
+    from sdpo.tiny import build_tiny_pipeline
 
     sdxl_lora = tmp_path / "sdxl-lora"
     run_in_process(lora_args(tiny, sdxl_lora, "--max_train_steps", "1", arch="sdxl"))
     suite = str(tmp_path / "papv2.json")
     write_suite([record("a red cat")], suite)
-    for flags in (["--unet_path", str(sdxl_lora)], ["--unet_path", "base", "--lora_path", str(tmp_path)]):
+    os.remove(sdxl_lora / "train_config.json")  # a LoRA from elsewhere: only its shapes tell
+    other = tmp_path / "other-sd15"
+    build_tiny_pipeline(str(other), seed=1)  # the same shapes, other weights
+    local_lora = tmp_path / "sd15-lora"
+    run_in_process(lora_args(tiny, local_lora, "--max_train_steps", "1"))
+    cases = [(["--unet_path", str(sdxl_lora)], tiny["sd15"], "its adapters do not fit this UNet"),
+             (["--unet_path", "base", "--lora_path", str(sdxl_lora)], tiny["sd15"], "its adapters do not fit this UNet"),
+             (["--unet_path", "base", "--lora_path", str(tmp_path)], tiny["sd15"], "not a folder holding"),
+             # train.py's record beside the LoRA names the base it was trained on.
+             (["--unet_path", str(local_lora)], str(other), f"was trained on {tiny['sd15']}, not on --pretrain_path"),
+             (["--unet_path", os.path.join(tiny["sd15"], "unet"), "--lora_path", str(local_lora)], tiny["sd15"],
+              "not on --unet_path")]
+    for flags, base, fragment in cases:
         with pytest.raises(SystemExit) as exit_info:
-            generate_main([*flags, "--pretrain_path", tiny["sd15"], "--test_json", suite, "--output_path",
+            generate_main([*flags, "--pretrain_path", base, "--test_json", suite, "--output_path",
                            str(tmp_path / "images"), "--height", "32", "--width", "32", "--steps", "2"])
         assert exit_info.value.code == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
-        assert last.startswith("error: ") and ("do not fit" in last or "not a folder holding" in last), last
+        assert last.startswith("error: ") and fragment in last, (fragment, last)
 
 
 def test_8bit_adam_keeps_its_moments_in_8_bits_and_resumes_bitwise(tiny, tmp_path):
@@ -315,3 +339,56 @@ def test_8bit_adam_without_bitsandbytes_ends_in_one_line(tiny, tmp_path, capsys,
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed: import raises ImportError
     expect_one_line_error(capsys, tiny_train_args(tiny["sd15"], tiny["data"], str(tmp_path), "--use_8bit_adam"),
                           "--use_8bit_adam: bitsandbytes cannot be used here", "pip install bitsandbytes")
+
+
+def test_the_adapters_off_reference_has_the_reference_numerics_under_bf16(tiny, tmp_path, monkeypatch):
+    """--loss_precision reference: the adapters-off reference runs in pure bf16 without autocast,
+    as a frozen copy does (not under the autocast that accelerator.prepare puts on the policy)."""
+    seen = []
+    predict = train.MicroBatchLoss.predict
+
+    def spy(self, *args, **kwargs):
+        out = predict(self, *args, **kwargs)
+        seen.append((out[0].dtype, out[1].dtype))
+        return out
+
+    monkeypatch.setattr(train.MicroBatchLoss, "predict", spy)
+    run_in_process(lora_args(tiny, tmp_path, "--max_train_steps", "1", "--mixed_precision", "bf16"))
+    assert seen[0] == (torch.float32, torch.bfloat16)  # the policy under autocast, the reference in bf16
+
+
+def test_lora_under_ddp_with_two_processes_resumes_bitwise(tiny, tmp_path):
+    """Two CPU processes (gloo): the adapters-off reference runs on the bare UNet beside DDP, the
+    gradients of the adapters are reduced, and a resume is bitwise."""
+    from test_fsdp import run_two
+
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
+              "--learning_rate", "1e-2", "--use_winner_preserving", "--winner_preserving_mu", "0.5"]
+    straight = tmp_path / "straight"
+    result = run_two(lora_args(tiny, straight, *common), sharded=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "8 pairs per step (2 per process x 2 accumulation x 2 processes)" in result.stderr
+    first = json.loads(open(straight / "metrics.jsonl").readline())
+    assert first["loss"] == LOG_2
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    result = run_two(lora_args(tiny, resumed, *common), sharded=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert same_tensors(load_file(straight / lora.LORA_WEIGHTS), load_file(resumed / lora.LORA_WEIGHTS))
+
+
+def test_a_checkpoint_from_before_lora_resumes_without_it():
+    """Checkpoints written before --use_lora existed record no LoRA settings: they resume as full
+    fine-tunes, and are refused with --use_lora. Without --use_lora the lora_* values do not count."""
+    from sdpo import checkpoints
+    from sdpo.errors import InputError
+
+    old = {"train_method": "diffusion-dpo", "beta_dpo": 5000.0, "num_processes": 1}
+    now = checkpoints.result_settings({**old, "use_lora": False, "use_8bit_adam": False, "lora_rank": 16,
+                                       "derived": {"num_processes": 1}})
+    checkpoints.check_same_settings("checkpoint-1", old, now)
+    lora_now = checkpoints.result_settings({**old, "use_lora": True, "use_8bit_adam": False, "lora_rank": 8,
+                                            "derived": {"num_processes": 1}})
+    with pytest.raises(InputError, match="--lora_rank None there, 8 now"):
+        checkpoints.check_same_settings("checkpoint-1", old, lora_now)

@@ -87,6 +87,23 @@ def test_a_bad_accelerate_config_ends_in_one_line(tiny, tmp_path, settings, frag
     assert missing.returncode == 2 and "unreadable" in missing.stderr.strip().splitlines()[-1]
 
 
+def test_the_launchers_refuse_what_fsdp_cannot_run_before_launching(tiny, tmp_path):
+    """With an FSDP config the launchers' check refuses LoRA (and 8-bit AdamW) in one line, before
+    accelerate starts any process; an unquoted `mixed_precision: no` (YAML's false) reads as no."""
+    config = write_config(tmp_path / "fsdp.yaml", distributed_type="FSDP", num_processes=2)
+    result = launch("sd15_lora_dpo", tiny, tmp_path / "run", *SMALL, ACCELERATE_CONFIG_FILE=config)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --use_lora with an FSDP accelerate config")
+    result = launch("sd15_diffusion_dpo", tiny, tmp_path / "run", *SMALL, "--use_8bit_adam",
+                    ACCELERATE_CONFIG_FILE=config)
+    assert result.returncode == 2 and "--use_8bit_adam with an FSDP accelerate config" in result.stderr
+    (tmp_path / "no.yaml").write_text("distributed_type: NO\nnum_processes: 1\nmixed_precision: no\n")
+    checked = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train", "_check_env.py")],
+                             capture_output=True, text=True,
+                             env={**os.environ, "ACCELERATE_CONFIG_FILE": str(tmp_path / "no.yaml")})
+    assert checked.stdout.split() == ["1", "no", "NO"], checked.stderr
+
+
 def test_the_shipped_accelerate_configs_are_usable(tmp_path):
     """The multi-node DDP config passes the launchers' check, and names what each machine sets."""
     folder = os.path.join(ROOT, "scripts", "accelerate")
@@ -94,7 +111,7 @@ def test_the_shipped_accelerate_configs_are_usable(tmp_path):
                             text=True, env={**os.environ, "ACCELERATE_CONFIG_FILE": os.path.join(folder,
                                                                                                  "multi_node.yaml")})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["16", "bf16"]
+    assert result.stdout.split() == ["16", "bf16", "MULTI_GPU"]
 
 
 def test_mixed_precision_defaults_to_what_accelerate_launch_was_given(tiny, tmp_path, monkeypatch):
@@ -206,7 +223,7 @@ def test_the_slurm_script_writes_a_config_for_the_job_and_starts_each_node(tmp_p
     assert "MACHINE_RANK=$SLURM_NODEID" in srun and srun.rstrip().endswith("sd15_lora_dpo.sh --lora_rank=16")
     checked = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train", "_check_env.py")], capture_output=True,
                              text=True, env={**os.environ, "ACCELERATE_CONFIG_FILE": str(config)})
-    assert checked.stdout.split() == ["12", "bf16"], checked.stderr
+    assert checked.stdout.split() == ["12", "bf16", "MULTI_GPU"], checked.stderr
     missing = subprocess.run(["bash", os.path.join(ROOT, "scripts", "train", "slurm_multi_node.sh"), "nope"],
                              capture_output=True, text=True, env=env, timeout=60)
     assert missing.returncode == 2 and "no launcher scripts/train/nope.sh" in missing.stderr

@@ -167,6 +167,7 @@ BAD_SETTINGS = [
     (["--merge_lora"], ["--merge_lora needs --use_lora"]),
     (["--use_8bit_adam", "--use_adafactor"], ["--use_8bit_adam and Adafactor exclude each other"]),
     (["--hub_model_id", "me/model"], ["--hub_model_id needs --push_to_hub"]),
+    (["--hub_private_repo"], ["--hub_private_repo needs --push_to_hub"]),
 ]
 
 

@@ -8,8 +8,8 @@ NUM_GPUS, when set, must be a positive integer; unset, the GPUs torch finds are 
 ACCELERATE_CONFIG_FILE, when set, must be a readable accelerate config (YAML or JSON, as `accelerate
 config` writes it): its num_processes (over all machines) and mixed_precision are used, and an FSDP
 config with one process is refused (FSDP shards over processes; one process has nothing to shard over).
-Prints the process count and the mixed precision (bf16 without a config); a wrong value ends in one
-`error:` line and exit status 2.
+Prints the process count, the mixed precision (bf16 without a config) and the config's distributed
+type (NO without one); a wrong value ends in one `error:` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def main(names: list[str]) -> int:
             raise InputError(f"{name} is empty: set it to a value, or unset it for the launcher's default")
     config_file = os.environ.get("ACCELERATE_CONFIG_FILE")
     if config_file is not None:
-        count, precision = read_accelerate_config(config_file)
-        print(count, precision)
+        count, precision, kind = read_accelerate_config(config_file)
+        print(count, precision, kind)
         return count
     gpus = os.environ.get("NUM_GPUS")
     if gpus is None:
@@ -44,12 +44,12 @@ def main(names: list[str]) -> int:
         count = int(gpus) if re.fullmatch(r"[0-9]+", gpus) else 0
         if count < 1:
             raise InputError(f"NUM_GPUS must be a positive integer, got {gpus!r}: the number of GPUs to launch on")
-    print(count, "bf16")
+    print(count, "bf16", "NO")
     return count
 
 
-def read_accelerate_config(path: str) -> tuple[int, str]:
-    """(num_processes, mixed_precision) of an accelerate config file, checked."""
+def read_accelerate_config(path: str) -> tuple[int, str, str]:
+    """(num_processes, mixed_precision, distributed_type) of an accelerate config file, checked."""
     import yaml
 
     where = f"ACCELERATE_CONFIG_FILE {path}"
@@ -63,14 +63,16 @@ def read_accelerate_config(path: str) -> tuple[int, str]:
     processes = config.get("num_processes", 1)
     if not isinstance(processes, int) or processes < 1:
         raise InputError(f"{where}: num_processes must be a positive integer, got {processes!r}")
-    precision = str(config.get("mixed_precision", "no"))
+    precision = config.get("mixed_precision", "no")
+    precision = "no" if precision is False else str(precision)  # YAML reads an unquoted no as false
     if precision not in ("no", "fp16", "bf16"):
         raise InputError(f"{where}: mixed_precision {precision!r}; this project trains in no, fp16 or bf16")
-    kind = str(config.get("distributed_type", "NO")).upper()
+    kind = config.get("distributed_type", "NO")
+    kind = "NO" if kind is False else str(kind).upper()  # (an unquoted NO, too)
     if kind == "FSDP" and processes < 2:
         raise InputError(f"{where}: an FSDP config with num_processes {processes}; FSDP shards the model over "
                          f"processes, so it needs at least 2 (one GPU: drop the config, or use --use_lora)")
-    return processes, precision
+    return processes, precision, kind
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ if [ "$SDXL" = 1 ]; then
   VAE_NAME="${VAE_NAME-madebyollin/sdxl-vae-fp16-fix}"
   settings=(MODEL_NAME VAE_NAME)
   arch=(--sdxl --resolution=1024 --pretrained_vae_model_name_or_path="$VAE_NAME" --gradient_checkpointing)
-  [ "${LORA-0}" = 1 ] || arch+=(--use_adafactor)
 else
   MODEL_NAME="${MODEL_NAME-stable-diffusion-v1-5/stable-diffusion-v1-5}"
   settings=(MODEL_NAME)
@@ -29,9 +28,21 @@ settings+=(DATASET_NAME OUTPUT_DIR)
 export "${settings[@]}"
 # An empty setting, a NUM_GPUS that is not a positive integer or an unusable ACCELERATE_CONFIG_FILE
 # ends here (one `error:` line, status 2); otherwise this prints the process count (the config's,
-# NUM_GPUS, or the GPUs torch finds) and the mixed precision (the config's, or bf16).
+# NUM_GPUS, or the GPUs torch finds), the mixed precision (the config's, or bf16) and the config's
+# distributed type (NO without a config).
 checked=$("$python" "$root/scripts/train/_check_env.py" "${settings[@]}")
-read -r NUM_GPUS PRECISION <<< "$checked"
+read -r NUM_GPUS PRECISION KIND <<< "$checked"
+# SDXL full fine-tunes use Adafactor (the reference's setting), except under FSDP, whose sharded
+# parameters transformers' Adafactor cannot update: AdamW there (its state is sharded too).
+if [ "$SDXL" = 1 ] && [ "${LORA-0}" != 1 ]; then
+  if [ "$KIND" = FSDP ]; then
+    echo "FSDP: AdamW instead of Adafactor (Adafactor cannot update sharded parameters)"
+  else
+    arch+=(--use_adafactor)
+  fi
+fi
+fsdp=false
+[ "$KIND" = FSDP ] && fsdp=true
 echo "effective batch: $BATCH pairs per GPU x $ACCUM accumulation steps x $NUM_GPUS GPUs =" \
      "$((BATCH * ACCUM * NUM_GPUS)) pairs per step (the papers used 2048; extra flags may change this," \
      "train.py logs the batch it uses)"
@@ -60,5 +71,5 @@ train_args=(
 # Check the settings, paths, checkpoint and data first, in this process: a mistake ends here with
 # our one-line message and exit status 2, not inside accelerate launch (which would turn it into
 # its own traceback and status 1).
-WORLD_SIZE="$NUM_GPUS" "$python" train.py "${train_args[@]}" --check_only >/dev/null
+WORLD_SIZE="$NUM_GPUS" ACCELERATE_USE_FSDP="$fsdp" "$python" train.py "${train_args[@]}" --check_only >/dev/null
 exec "$python" -m accelerate.commands.launch "${launch[@]}" train.py "${train_args[@]}"
