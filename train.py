@@ -320,7 +320,7 @@ def check_settings(args):
 def import_bitsandbytes():
     """bitsandbytes, or one line saying why it cannot run here (not installed, or its library does
     not load on this machine)."""
-    try:  # (sdpo.lora quiets its import-time warning about a 4-bit kernel)
+    try:  # (sdpo/__init__.py quiets its import-time warning about a 4-bit kernel)
         import bitsandbytes
     except Exception as err:  # ImportError, or its native library failing to load (OSError, RuntimeError)
         raise InputError(f"--use_8bit_adam: bitsandbytes cannot be used here ({type(err).__name__}: "

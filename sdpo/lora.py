@@ -20,17 +20,11 @@ Files:
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 
 import torch
 
 from sdpo.errors import InputError, first_line
-
-# peft imports bitsandbytes when it is installed, and at import its CPU backend warns that an
-# optional 4-bit matmul kernel ("kernels-community") is missing: nothing here uses 4-bit matmuls,
-# and the 8-bit optimizers (train.py --use_8bit_adam) do not need it.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 DEFAULT_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name, what load_lora_weights looks for
