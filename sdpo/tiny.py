@@ -184,6 +184,66 @@ def build_tiny_pipeline(folder: str, sdxl: bool = False, seed: int = 0, predicti
     return folder
 
 
+T5_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-"
+
+
+def write_t5_tokenizer(folder: str, model_max_length: int = 77) -> None:
+    """A T5-style tokenizer (SentencePiece Unigram, '</s>' appended, '<pad>' = 0,
+    '</s>' = 1, '<unk>' = 2) over single characters and word-initial characters, built offline
+    with the tokenizers library and saved as tokenizer.json: what SD3's third tokenizer is, in
+    miniature (the released one is T5's 32k-piece SentencePiece model)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in T5_CHARACTERS] + [("\u2581" + c, -2.5) for c in T5_CHARACTERS]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                    extra_ids=0, model_max_length=model_max_length).save_pretrained(folder)
+
+
+def build_tiny_sd3_pipeline(folder: str, seed: int = 0) -> str:
+    """A tiny random SD3-style pipeline in the hub layout: SD3Transformer2DModel, two CLIP text
+    encoders with projections and a T5 encoder (their embeddings concatenated and padded to T5's
+    width, as SD3 does), a VAE with a shift factor, FlowMatchEulerDiscreteScheduler (shift 3).
+    Loads with StableDiffusion3Pipeline, with or without its T5 (text_encoder_3=None)."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    sources = os.path.join(folder, "_tokenizer_src")
+    write_clip_tokenizer(sources + "_1")
+    write_clip_tokenizer(sources + "_2", pad_token="!")
+    write_t5_tokenizer(sources + "_3")
+    t5_tokenizer = AutoTokenizer.from_pretrained(sources + "_3")
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=64, d_kv=8, d_ff=64, num_layers=2,
+                                 num_heads=2, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                 decoder_start_token_id=0))
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64,
+        pos_embed_max_size=32)
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, shift_factor=0.1, scaling_factor=1.5)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae, text_encoder=CLIPTextModelWithProjection(_text_config(32, 32)),
+        tokenizer=load_clip_tokenizer(sources + "_1"),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(32, 32)), tokenizer_2=load_clip_tokenizer(sources + "_2"),
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+    pipe.save_pretrained(folder)
+    for part in ("_1", "_2", "_3"):
+        shutil.rmtree(sources + part)
+    return folder
+
+
 # ---- the synthetic preference data -----------------------------------------------------------
 
 WORDS = ["a red", "a blue", "a green", "an old", "a shiny", "a tiny", "a giant", "a wooden"]
