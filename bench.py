@@ -143,7 +143,7 @@ def check_args(args) -> None:
         if args.use_adafactor:
             raise InputError("--use_8bit_adam and Adafactor exclude each other (SDXL uses Adafactor by default: add "
                              "--no-use_adafactor)")
-        train.check_8bit_adam()
+        train.import_bitsandbytes()
     if args.compare and args.count_only:
         raise InputError("--compare reference-settings times both configurations: drop --count_only")
     device(args.device)

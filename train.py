@@ -28,7 +28,7 @@ from sdpo import checkpoints, host_memory, hub, lora, models
 from sdpo.checkpoints import CONFIG_FILE
 from sdpo.conditioning import PromptEncoder
 from sdpo.data import PairBatch, build_dataloader, check_data, choose_winners, next_batch
-from sdpo.errors import ArgumentParser, HelpFormatter, InputError, RunStopped, reports_input_errors
+from sdpo.errors import ArgumentParser, HelpFormatter, InputError, RunStopped, first_line, reports_input_errors
 from sdpo.files import MetricsFile, check_output_dir, write_json_atomic
 from sdpo.flags import image_size, no_empty_values
 from sdpo.losses import check_mu, preference_loss, sft_loss, winner_preserving_scale
@@ -255,7 +255,7 @@ def check_settings(args):
     check(not (args.use_8bit_adam and args.use_adafactor),
           "--use_8bit_adam and Adafactor exclude each other (SDXL uses Adafactor by default: add --no-use_adafactor)")
     if args.use_8bit_adam:
-        check_8bit_adam()
+        import_bitsandbytes()
     check(not (args.hub_model_id and not args.push_to_hub), "--hub_model_id needs --push_to_hub")
     check(not (args.hub_private_repo and not args.push_to_hub), "--hub_private_repo needs --push_to_hub")
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # accelerate launch with an FSDP config
@@ -318,20 +318,14 @@ def check_settings(args):
 
 
 def import_bitsandbytes():
-    """bitsandbytes, or one line saying why it cannot run here (not installed, or its library does
-    not load on this machine)."""
+    """bitsandbytes (its 8-bit AdamW runs on CUDA GPUs and, from 0.50, on CPUs), or one line saying
+    why it cannot run here: not installed, or its library does not load on this machine."""
     try:  # (sdpo/__init__.py quiets its import-time warning about a 4-bit kernel)
         import bitsandbytes
     except Exception as err:  # ImportError, or its native library failing to load (OSError, RuntimeError)
         raise InputError(f"--use_8bit_adam: bitsandbytes cannot be used here ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}); pip install bitsandbytes, or leave the "
-                         f"flag out for torch's AdamW") from None
+                         f"{first_line(err)}); pip install bitsandbytes, or leave the flag out for torch's AdamW") from None
     return bitsandbytes
-
-
-def check_8bit_adam() -> None:
-    """--use_8bit_adam needs bitsandbytes (its 8-bit AdamW runs on CUDA GPUs and, from 0.50, on CPUs)."""
-    import_bitsandbytes()
 
 
 def load_models(args):
@@ -346,14 +340,12 @@ def load_models(args):
     vae = None
     if not args.latent_cache or (args.validation_prompts and args.num_validation_images):
         vae = models.load_vae(base, args.pretrained_vae_model_name_or_path, **hub)
-    policy_spec, ref_spec = models.policy_source(args), models.reference_source(args)
-    unet = models.load_unet(policy_spec, base, "--unet_init", **hub)
-    ref_unet = None
-    if models.reference_role(args) in ("copy", "unet"):
-        if ref_spec == policy_spec:  # the reference starts where the policy starts: copy, don't load twice
-            ref_unet = copy.deepcopy(unet)
-        else:
-            ref_unet = models.load_unet(ref_spec, base, "--ref_unet", **hub)
+    unet = models.load_unet(models.policy_source(args), base, "--unet_init", **hub)
+    ref_unet, role = None, models.reference_role(args)
+    if role == "copy":  # the reference starts where the policy starts: copy, don't load twice
+        ref_unet = copy.deepcopy(unet)
+    elif role == "unet":
+        ref_unet = models.load_unet(models.reference_source(args), base, "--ref_unet", **hub)
     return tokenizers, text_encoders, vae, unet, ref_unet
 
 

@@ -46,13 +46,13 @@ def targeted_modules(model: torch.nn.Module, targets) -> list[str]:
             and any(name == t or name.endswith("." + t) for t in targets)]
 
 
-def check_targets(model: torch.nn.Module, targets, flag: str = "--lora_target_modules") -> int:
-    """How many modules the targets select; an InputError if one target matches nothing."""
+def check_targets(model: torch.nn.Module, targets) -> None:
+    """An InputError if one of --lora_target_modules matches nothing in the model."""
     for target in targets:
         if not targeted_modules(model, [target]):
-            raise InputError(f"{flag} {target!r} matches no Linear or Conv2d module of the UNet (the attention "
-                             f"projections are to_q, to_k, to_v, to_out.0; others: proj_in, proj_out, ff.net.2, ...)")
-    return len(targeted_modules(model, targets))
+            raise InputError(f"--lora_target_modules {target!r} matches no Linear or Conv2d module of the UNet (the "
+                             f"attention projections are to_q, to_k, to_v, to_out.0; others: proj_in, proj_out, "
+                             f"ff.net.2, ...)")
 
 
 def add_adapters(unet: torch.nn.Module, rank: int, alpha: float | None, dropout: float, targets) -> None:
@@ -120,9 +120,8 @@ def save_diffusers_lora(unet, folder: str, sdxl: bool) -> str:
     from diffusers.utils import convert_state_dict_to_diffusers
 
     pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    metadata = unet.peft_config["default"].to_dict()
     pipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(adapter_state(unet)),
-                               unet_lora_adapter_metadata=metadata)
+                               unet_lora_adapter_metadata=adapter_config(unet))
     return os.path.join(folder, LORA_WEIGHTS)
 
 

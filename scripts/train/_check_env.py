@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from sdpo.errors import InputError, reports_input_errors  # noqa: E402
+from sdpo.errors import InputError, first_line, reports_input_errors  # noqa: E402
 
 
 @reports_input_errors
@@ -57,7 +57,7 @@ def read_accelerate_config(path: str) -> tuple[int, str, str]:
         with open(path) as f:
             config = yaml.safe_load(f)  # YAML, or JSON (a subset of YAML)
     except (OSError, yaml.YAMLError) as err:
-        raise InputError(f"{where}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+        raise InputError(f"{where}: unreadable ({type(err).__name__}: {first_line(err)})") from None
     if not isinstance(config, dict):
         raise InputError(f"{where}: not an accelerate config (a mapping of settings, as `accelerate config` writes)")
     processes = config.get("num_processes", 1)
