@@ -1,7 +1,8 @@
-"""Time and count the training step and sampling on the real SD1.5 / SDXL architectures.
+"""Time and count the training step and sampling on the real SD1.5 / SDXL / SD3.5-medium architectures.
 
     python bench.py --arch sd15 --resolution 64 --batch_size 1 --steps 2 --json out.json     # CPU
     python bench.py --arch sdxl --resolution 1024 --count_only                                # FLOPs only
+    python bench.py --arch sd3 --resolution 1024 --count_only                                 # SD3.5-medium
     python bench.py --arch sd15 --resolution 512 --batch_size 8 --mixed_precision bf16 \\
         --latent_cache --compile --compare reference-settings                               # a GPU
     python bench.py --arch sd15 --mode sample --resolution 512 --batch_size 16                # generation
@@ -12,7 +13,7 @@ pipeline folder with --pretrained). The training step is train.py's own: `train.
 same Step, optimizer and schedule, and `train.train_step` runs the same micro-batches, backward,
 clip and optimizer step; only the batches are synthetic (random pixels, or random latents with
 --latent_cache). Defaults follow the launchers: the safeguard on, AdamW for SD1.5, Adafactor with
-gradient checkpointing for SDXL.
+gradient checkpointing for SDXL and SD3 (the SD3 launchers' settings).
 
 Printed, and written to --json:
 - FLOPs per pair, counted with torch's FlopCounterMode over one real step and split into the VAE,
@@ -45,7 +46,7 @@ import time
 import torch
 
 import train
-from sdpo import architectures, checkpoints, host_memory, models
+from sdpo import architectures, checkpoints, families, host_memory, models
 from sdpo.errors import ArgumentParser, InputError, reports_input_errors
 from sdpo.files import write_json_atomic
 
@@ -53,7 +54,8 @@ from sdpo.files import write_json_atomic
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 70.0, "A10": 125.0, "L40S": 362.0, "L40": 181.0,
                "L4": 121.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0}
 PAPER = {"sd15": dict(mu="0.9", adafactor=False, checkpointing=False),
-         "sdxl": dict(mu="0.6", adafactor=True, checkpointing=True)}
+         "sdxl": dict(mu="0.6", adafactor=True, checkpointing=True),
+         "sd3": dict(mu="0.6", adafactor=True, checkpointing=True)}  # scripts/train/sd3_*.sh
 # The optimizer's elementwise arithmetic, which FlopCounterMode does not count (it counts matrix
 # products, convolutions and attention), estimated per trainable parameter from the update rules:
 # AdamW: decoupled decay 1, first moment 3, second moment 4, sqrt(v)/c + eps 3, the update 3;
@@ -102,7 +104,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.resolution is None:
-        args.resolution = models.default_resolution(args.arch == "sdxl")
+        args.resolution = architectures.family(args.arch).resolution
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.mixed_precision is None:
@@ -151,14 +153,11 @@ def check_args(args) -> None:
         output_file(args.json, "--json")
     if args.pretrained:
         models.check_source(args.pretrained, "--pretrained")
-        sdxl = models.is_sdxl_pipeline(args.pretrained)
-        if sdxl is not None and sdxl != (args.arch == "sdxl"):
-            raise InputError(f"--pretrained {args.pretrained} is {'an SDXL' if sdxl else 'a SD1.5'} pipeline: pass "
-                             f"--arch {'sdxl' if sdxl else 'sd15'}")
+        found = families.detect(args.pretrained, "--pretrained")
+        if found is not None and found.name != args.arch:
+            raise InputError(f"--pretrained {args.pretrained} is an {found.label} pipeline: pass --arch {found.name}")
     if args.mode == "sample":  # more steps than the schedule has timesteps only repeat them, for hours
-        from diffusers import DDPMScheduler
-
-        limit = scheduler_for(args, DDPMScheduler).config.num_train_timesteps
+        limit = scheduler_for(args).config.num_train_timesteps
         if args.sample_steps > limit:
             raise InputError(f"--sample_steps must be at most {limit}, the scheduler's training timesteps, "
                              f"got {args.sample_steps}")
@@ -188,10 +187,10 @@ def train_args(args, *, latent_cache: bool, loss_precision: str, compile_: bool)
         argv.append("--use_8bit_adam")
     if latent_cache:
         argv += ["--latent_cache", "<synthetic>"]
-    return train.Settings(train.parse_args(argv))
+    return train.Settings(train.parse_args(argv), model_family=args.arch)
 
 
-def synthetic_batches(args, targs, latent_cache: bool, count: int = 2):
+def synthetic_batches(args, targs, tokenizers, latent_channels: int, latent_cache: bool, count: int = 2):
     """Endless batches shaped like the dataloader's: random pixels, or random cached latents and
     token ids (as the cache stores them). `count` distinct batches are made before any timing and
     then cycled (in pinned memory on a GPU, as the dataloader gives them), so that the timed steps
@@ -200,19 +199,20 @@ def synthetic_batches(args, targs, latent_cache: bool, count: int = 2):
 
     from sdpo.data import PairBatch
 
-    B, k = args.batch_size, (1 if targs.train_method == "sft" else 2)
+    B, k, c = args.batch_size, (1 if targs.train_method == "sft" else 2), latent_channels
     g = torch.Generator().manual_seed(0)
     size = args.resolution // 8
-    dtype = models.vae_dtype(targs.sdxl, models.DTYPES[targs.mixed_precision],
-                             bool(targs.pretrained_vae_model_name_or_path))
+    family = families.get(targs.model_family)
+    dtype = family.vae_dtype(models.DTYPES[targs.mixed_precision], bool(targs.pretrained_vae_model_name_or_path))
     pin = torch.cuda.is_available() and str(args.device).startswith("cuda")
     batches = []
     for _ in range(count):
         batch = PairBatch(time_ids=torch.zeros(B, k, 6))
         if latent_cache:
-            batch.latent_mean = torch.randn(B, k, 4, size, size, generator=g).to(dtype)
-            batch.latent_std = torch.full((B, k, 4, size, size), 1e-3, dtype=dtype)
-            batch.caption_ids = [torch.randint(0, 49406, (B, 77), generator=g) for _ in range(1 + (args.arch == "sdxl"))]
+            batch.latent_mean = torch.randn(B, k, c, size, size, generator=g).to(dtype)
+            batch.latent_std = torch.full((B, k, c, size, size), 1e-3, dtype=dtype)
+            batch.caption_ids = [torch.randint(0, min(len(t), 49406), (B, length), generator=g)
+                                 for t, length in zip(tokenizers, family.token_lengths(tokenizers))]
         else:
             batch.pixels = torch.rand(B, k, 3, args.resolution, args.resolution, generator=g) * 2 - 1
             batch.captions = [CAPTION] * B
@@ -222,29 +222,29 @@ def synthetic_batches(args, targs, latent_cache: bool, count: int = 2):
 
 def build_run(args, parts, device: torch.device, *, latent_cache=False, loss_precision=None, compile_=None):
     """train.py's Run for a benchmark configuration, on `device` (meta: count FLOPs only)."""
-    from diffusers import DDPMScheduler
-
     targs = train_args(args, latent_cache=latent_cache, loss_precision=loss_precision or args.loss_precision,
                        compile_=args.compile if compile_ is None else compile_)
     accelerator = train.make_accelerator(targs, targs.mixed_precision, cpu=device.type != "cuda",
                                          device_placement=device.type != "meta")
-    scheduler = scheduler_for(args, DDPMScheduler)
-    timesteps = (0, scheduler.config.num_train_timesteps)
+    noise = architectures.family(args.arch).noise_process(scheduler_for(args), targs)
+    timesteps = (0, noise.grid_size())
     vae = parts[2]
     total_steps = args.warmup + args.steps
     inputs = train.Inputs(config=checkpoints.run_config(targs, 1, accelerator.mixed_precision, timesteps, None,
                                                         total_steps),
-                          noise_scheduler=scheduler, timesteps=timesteps, dataloader=None, num_pairs=None,
+                          noise=noise, timesteps=timesteps, dataloader=None, num_pairs=None,
                           validation_pairs=None, start_step=0, total_steps=total_steps, resume_path=None,
-                          scaling_factor=vae.config.scaling_factor)
+                          latent_norm=(vae.config.scaling_factor, vae.config.shift_factor))
     if latent_cache:  # training from a cache loads no VAE
         parts = (*parts[:2], None, *parts[3:])
     run = train.setup(targs, accelerator, inputs, parts, device=device)
-    return run, synthetic_batches(args, targs, latent_cache)
+    return run, synthetic_batches(args, targs, parts[0], vae.config.latent_channels, latent_cache)
 
 
-def scheduler_for(args, cls):
-    """The noise schedule of --pretrained, or of the shipped --arch config."""
+def scheduler_for(args, cls=None):
+    """The training noise schedule (or, as `cls`, another scheduler class) of --pretrained, or of
+    the shipped --arch config."""
+    cls = cls or architectures.family(args.arch).noise_scheduler_class()
     if args.pretrained:
         return models.load_scheduler(cls, args.pretrained, "--pretrained")
     return cls.from_config(architectures.config(args.arch, "scheduler"))
@@ -258,13 +258,13 @@ def model_parts(args, device):
     separate_reference = args.train_method != "sft" and not args.use_lora  # LoRA: the base with adapters off
     if not args.pretrained:
         return architectures.build(args.arch, with_reference=separate_reference, device=device)
-    sdxl = args.arch == "sdxl"
+    family = architectures.family(args.arch)
     if str(device) == "meta":
-        tokenizers, encoders, vae, unet = models.meta_pipeline(args.pretrained, sdxl, "--pretrained")
+        tokenizers, encoders, vae, unet = models.meta_pipeline(args.pretrained, family, "--pretrained")
     else:
-        tokenizers, encoders = models.load_text_side(args.pretrained, sdxl, "--pretrained")
+        tokenizers, encoders = models.load_text_side(args.pretrained, family, "--pretrained")
         vae = models.load_vae(args.pretrained, None, flag="--pretrained")
-        unet = models.load_unet("base", args.pretrained, base_flag="--pretrained")
+        unet = models.load_unet("base", args.pretrained, base_flag="--pretrained", family=family)
     return tokenizers, encoders, vae, unet, copy.deepcopy(unet) if separate_reference else None
 
 
@@ -278,6 +278,7 @@ def count_flops(run, batches) -> dict:
 
     unet = run.accelerator.unwrap_model(run.unet)
     unet = getattr(unet, "_orig_mod", unet)
+    denoiser = type(unet).__name__
     checkpointing = unet.is_gradient_checkpointing
     if checkpointing:
         unet.disable_gradient_checkpointing()
@@ -290,7 +291,7 @@ def count_flops(run, batches) -> dict:
             with FlopCounterMode(display=False) as inner:
                 out = reference(*args, **kwargs)
             reference_flops.append(inner.get_total_flops())
-            reference_in_unet.append(sum(inner.get_flop_counts().get("UNet2DConditionModel", {}).values()))
+            reference_in_unet.append(sum(inner.get_flop_counts().get(denoiser, {}).values()))
             return out
 
         micro.reference = counted_reference
@@ -330,12 +331,13 @@ def count_flops(run, batches) -> dict:
     trainable = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
     per_parameter = OPTIMIZER_FLOPS_PER_PARAMETER[type(optimizer).__name__] + GRAD_NORM_FLOPS_PER_PARAMETER
     parts = {"vae": sum(vae_flops),
-             "text": modules.get("CLIPTextModel", 0) + modules.get("CLIPTextModelWithProjection", 0),
-             "policy": modules.get("UNet2DConditionModel", 0) - sum(reference_in_unet),
+             "text": sum(modules.get(name, 0) for name in ("CLIPTextModel", "CLIPTextModelWithProjection",
+                                                            "T5EncoderModel")),
+             "policy": modules.get(denoiser, 0) - sum(reference_in_unet),
              "reference": sum(reference_flops),
              "optimizer": optimizer_counter.get_total_flops() + per_parameter * trainable}
     parts["total"] = counter.get_total_flops() + parts["optimizer"]
-    parts["policy_forward"] = by_module(forward_counter).get("UNet2DConditionModel", 0) - sum(reference_in_unet)
+    parts["policy_forward"] = by_module(forward_counter).get(denoiser, 0) - sum(reference_in_unet)
     parts["trainable_parameters"] = trainable
     parts["unet_parameters"] = sum(p.numel() for p in unet.parameters())
     return parts
@@ -448,18 +450,20 @@ def sample_flops(args) -> int:
     from sdpo.conditioning import PromptEncoder
 
     meta = torch.device("meta")
+    family = architectures.family(args.arch)
     tokenizers, encoders, vae, unet, _ = model_parts(argparse.Namespace(**{**vars(args), "train_method": "sft"}), meta)
-    n, size = args.batch_size, args.resolution // 8
+    n, size, c = args.batch_size, args.resolution // 8, vae.config.latent_channels
+    encode = PromptEncoder(family, tokenizers, encoders, args.resolution, unet.config, sampling=True)
     with FlopCounterMode(display=False) as counter:
-        cond = PromptEncoder(tokenizers, encoders, args.resolution)([CAPTION] * n + [""], meta)
+        cond = encode([CAPTION] * n + [""], meta)
         both = type(cond)(**{k: None if v is None else torch.cat([v[:n], v[n:].expand(n, *v.shape[1:])])
                              for k, v in vars(cond).items()})
-        unet(torch.zeros(2 * n, 4, size, size, device=meta), torch.zeros((), device=meta), **both.unet_kwargs())
+        unet(**family.model_inputs(torch.zeros(2 * n, c, size, size, device=meta), torch.zeros((), device=meta), both))
     per_step = counter.get_total_flops()
     with FlopCounterMode(display=False) as text_counter:
-        PromptEncoder(tokenizers, encoders, args.resolution)([CAPTION] * n + [""], meta)
+        encode([CAPTION] * n + [""], meta)
     with FlopCounterMode(display=False) as vae_counter:
-        vae.decode(torch.zeros(n, 4, size, size, device=meta))
+        vae.decode(torch.zeros(n, c, size, size, device=meta))
     unet_flops = per_step - text_counter.get_total_flops()
     return text_counter.get_total_flops() + args.sample_steps * unet_flops + vae_counter.get_total_flops()
 
@@ -470,8 +474,6 @@ def bench_sample(args) -> dict:
         return {"mode": "sample", "arch": args.arch, "resolution": args.resolution, "batch_size": args.batch_size,
                 "sample_steps": args.sample_steps, "device": "meta", "flops_per_image": flops / args.batch_size,
                 "batch_seconds": None, "images_per_second": None, "peak_memory_bytes": None, "mfu": None}
-    from diffusers import EulerDiscreteScheduler
-
     from sdpo.conditioning import PromptEncoder
     from sdpo.sampling import sample
 
@@ -483,12 +485,13 @@ def bench_sample(args) -> dict:
         encoder.to(device, dtype).eval()
     unet.to(device, dtype).eval()
     vae.to(device, torch.float32).eval()
-    prompt_encoder = PromptEncoder(tokenizers, encoders, args.resolution)
-    scheduler = scheduler_for(args, EulerDiscreteScheduler)
+    family = architectures.family(args.arch)
+    prompt_encoder = PromptEncoder(family, tokenizers, encoders, args.resolution, unet.config, sampling=True)
+    scheduler = scheduler_for(args, family.sampling_scheduler_class())
     prompts = [CAPTION] * args.batch_size
     flops = sample_flops(args)  # per batch of args.batch_size images
     seconds, _ = timed(lambda: sample(unet, vae, prompt_encoder, scheduler, prompts, args.resolution, args.resolution,
-                                      args.sample_steps, 7.5, 0, dtype), args, device.type == "cuda")
+                                      args.sample_steps, family.sampling_cfg, 0, dtype), args, device.type == "cuda")
     peak = peak_flops(args, device)
     return {"mode": "sample", "arch": args.arch, "resolution": args.resolution, "batch_size": args.batch_size,
             "sample_steps": args.sample_steps, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
@@ -507,14 +510,15 @@ def synthetic_cache(targs, tokenizers, folder: str, dtype=torch.bfloat16):
 
     data = load_split(targs.dataset_name, targs.split)
     rows, _ = decided_rows(data[LABEL_COLUMN])
-    size = targs.resolution // 8
+    size, c = targs.resolution // 8, architectures.config(targs.model_family, "vae")["latent_channels"]
     n = len(rows)
     tensors = {"row": torch.tensor(rows), "readable": torch.ones(n, dtype=torch.uint8),
                "label": torch.tensor([float(data[r][LABEL_COLUMN]) for r in rows], dtype=torch.float64),
                "original_size": torch.full((n, 2, 2), targs.resolution, dtype=torch.int32),
-               "mean": torch.randn(n, 2, 2, 4, size, size).to(dtype), "std": torch.rand(n, 2, 2, 4, size, size).to(dtype)}
-    for i, tokenizer in enumerate(tokenizers):
-        tensors[f"ids_{i}"] = torch.randint(0, 49406, (n, tokenizer.model_max_length), dtype=torch.int32)
+               "mean": torch.randn(n, 2, 2, c, size, size).to(dtype), "std": torch.rand(n, 2, 2, c, size, size).to(dtype)}
+    lengths = families.get(targs.model_family).token_lengths(tokenizers)
+    for i, (tokenizer, length) in enumerate(zip(tokenizers, lengths)):
+        tensors[f"ids_{i}"] = torch.randint(0, min(len(tokenizer), 49406), (n, length), dtype=torch.int32)
     os.makedirs(folder, exist_ok=True)
     save_file(tensors, os.path.join(folder, "shard-00000.safetensors"))
     write_json_atomic({"settings": cache_settings(targs, dtype, tokenizers), "pairs": n, "scaling_factor": 0.18215,
@@ -539,6 +543,7 @@ def bench_loader(args) -> dict:
                                       "--resolution", str(args.resolution), "--train_batch_size", str(args.batch_size),
                                       "--seed", "0", "--dataloader_num_workers", str(workers),
                                       *(["--sdxl"] if args.arch == "sdxl" else [])])
+            targs.model_family = args.arch
             cache = None
             if source == "cache":
                 targs.latent_cache = os.path.join(folder, "cache")
@@ -585,7 +590,7 @@ def report(result: dict) -> str:
         total = result["flops_per_pair"]
         lora_note = f", LoRA rank {result['lora_rank']}" if result.get("use_lora") else ""
         lines.append(f"trainable params    {result['trainable_parameters']:,} of {result['unet_parameters']:,} "
-                     f"in the UNet{lora_note}")
+                     f"in the {architectures.family(result['arch']).denoiser_name}{lora_note}")
         lines.append(f"FLOPs per pair      {human(total, 'FLOP')}")
         for part in ("vae", "text", "policy", "reference", "optimizer"):
             value = result["flops"][part]

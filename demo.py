@@ -4,7 +4,9 @@ It builds a tiny random SD1.5-style pipeline and a synthetic Pick-a-Pic dataset 
 Diffusion-DPO, DSPO and DMPO each with and without the winner-preserving safeguard through the
 real `accelerate launch train.py`, and plots the winner's and the loser's loss relative to the
 reference over the steps: the paper's central claim (without the safeguard the winner's loss
-can rise with the loser's; with it, it should not) made visible.
+can rise with the loser's; with it, it should not) made visible. Then the same for a tiny
+flow-matching model (an SD3-style pipeline: MMDiT transformer, rectified flow, velocity target):
+Diffusion-DPO with and without the safeguard, plotted alike (safeguard_flow.png).
 
 It then generates with the base and a trained model, scores both with tiny random reward models,
 and compares them (tables, a win-rate chart and an HTML page), exercising the evaluation harness.
@@ -41,7 +43,7 @@ MU = 0.9
 def train_run(model, data, out, method, safeguard, steps, seed, lr="2e-4"):
     """One `accelerate launch train.py` on CPU; returns its metrics (one dict per step)."""
     metrics = os.path.join(out, "metrics.jsonl")
-    if not os.path.exists(os.path.join(out, "unet", "config.json")):
+    if not any(os.path.exists(os.path.join(out, folder, "config.json")) for folder in ("unet", "transformer")):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--num_cpu_threads_per_process", str(os.cpu_count() or 1), os.path.join(ROOT, "train.py"),
@@ -62,18 +64,21 @@ def train_run(model, data, out, method, safeguard, steps, seed, lr="2e-4"):
         return [json.loads(line) for line in f]
 
 
-def warm_start(paths, out, steps, seed):
-    """A base that already denoises: the tiny pipeline with its UNet fine-tuned (SFT) on the data.
+def warm_start(paths, out, steps, seed, family="sd15"):
+    """A base that already denoises: the tiny pipeline with its denoiser fine-tuned (SFT) on the data.
 
     A random reference makes any step toward the data lower both losses, which hides what the
     objectives do; starting the preference runs from a trained denoiser shows it.
     """
-    base = os.path.join(out, "tiny", "sd15-sft")
-    if not os.path.exists(os.path.join(base, "unet", "config.json")):
-        sft = os.path.join(out, "runs", "sft-warm-start")
-        train_run(paths["sd15"], paths["data"], sft, "sft", False, steps, seed, lr="1e-3")
-        shutil.copytree(paths["sd15"], base, ignore=shutil.ignore_patterns("unet"), dirs_exist_ok=True)
-        shutil.copytree(os.path.join(sft, "unet"), os.path.join(base, "unet"))
+    from sdpo import families
+
+    folder = families.get(family).denoiser_folder
+    base = os.path.join(out, "tiny", f"{family}-sft")
+    if not os.path.exists(os.path.join(base, folder, "config.json")):
+        sft = os.path.join(out, "runs", "sft-warm-start" if family == "sd15" else f"{family}-sft-warm-start")
+        train_run(paths[family], paths["data"], sft, "sft", False, steps, seed, lr="1e-3")
+        shutil.copytree(paths[family], base, ignore=shutil.ignore_patterns(folder), dirs_exist_ok=True)
+        shutil.copytree(os.path.join(sft, folder), os.path.join(base, folder))
     return base
 
 
@@ -86,14 +91,14 @@ def smooth(values, weight=0.8):
     return out
 
 
-def plot(results, path, steps):
+def plot(results, path, steps, methods=tuple(OBJECTIVES), what="Tiny RANDOM models"):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(OBJECTIVES), figsize=(4.2 * len(OBJECTIVES), 6.4), sharex=True)
-    for col, method in enumerate(OBJECTIVES):
+    fig, axes = plt.subplots(2, len(methods), figsize=(4.2 * max(len(methods), 2), 6.4), sharex=True, squeeze=False)
+    for col, method in enumerate(methods):
         for row, (key, name) in enumerate([("winner_minus_ref", "winner"), ("loser_minus_ref", "loser")]):
             ax = axes[row][col]
             for safeguard, color, label in [(False, "tab:orange", "without safeguard"),
@@ -110,7 +115,7 @@ def plot(results, path, steps):
             if col == 0:
                 ax.set_ylabel(f"{name} MSE minus reference MSE")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"Tiny RANDOM models (briefly SFT-trained) on synthetic pairs, {steps} steps each: "
+    fig.suptitle(f"{what} (briefly SFT-trained) on synthetic pairs, {steps} steps each:\n"
                  "an illustration of the mechanism, not a result", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -123,6 +128,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     parser.add_argument("--warm_start_steps", type=int, default=150, help="SFT steps that make the base")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no_flow", action="store_true", help="skip the flow-matching (SD3-style) part")
     args = parser.parse_args(argv)
     no_empty_values(args)
     for flag in ("steps", "warm_start_steps"):
@@ -147,24 +153,41 @@ def main(argv=None):
     started = time.time()
     base = warm_start(paths, args.out, args.warm_start_steps, args.seed)
     print(f"warm start: {args.warm_start_steps} SFT steps from random weights ({time.time() - started:.1f}s): {base}\n")
+    results = preference_runs(base, paths["data"], args, OBJECTIVES)
+    figure = os.path.join(args.out, "safeguard.png")
+    plot(results, figure, args.steps, what="Tiny RANDOM SD1.5-style models")
+    print(f"\nplot: {figure}")
+    if not args.no_flow:
+        started = time.time()
+        flow_base = warm_start(paths, args.out, args.warm_start_steps, args.seed, family="sd3")
+        print(f"\nflow matching: tiny SD3-style pipeline {paths['sd3']}; warm start "
+              f"({time.time() - started:.1f}s): {flow_base}")
+        flow = preference_runs(flow_base, paths["data"], args, ["diffusion-dpo"], prefix="sd3-")
+        figure = os.path.join(args.out, "safeguard_flow.png")
+        plot(flow, figure, args.steps, methods=["diffusion-dpo"],
+             what="Tiny RANDOM SD3-style flow-matching models")
+        print(f"plot: {figure}")
+    print(f"runs (TensorBoard logs, metrics.jsonl, trained UNets): {os.path.join(args.out, 'runs')}")
+    evaluate(args.out, base, os.path.join(args.out, "runs", "diffusion-dpo-safeguard"))
+
+
+def preference_runs(base, data, args, methods, prefix=""):
+    """Each objective with and without the safeguard from `base`; prints a line per run and
+    returns {(method, safeguard): metrics}."""
     results = {}
-    for method in OBJECTIVES:
+    for method in methods:
         for safeguard in (False, True):
-            name = f"{method}{'-safeguard' if safeguard else ''}"
+            name = f"{prefix}{method}{'-safeguard' if safeguard else ''}"
             started = time.time()
-            series = train_run(base, paths["data"], os.path.join(args.out, "runs", name), method,
-                               safeguard, args.steps, args.seed)
+            series = train_run(base, data, os.path.join(args.out, "runs", name), method, safeguard, args.steps,
+                               args.seed)
             results[(method, safeguard)] = series
             last = series[-10:]
             mean = lambda k: sum(m[k] for m in last) / len(last)  # noqa: E731
             print(f"{name:28s} {time.time() - started:5.1f}s   last 10 steps: winner-ref {mean('winner_minus_ref'):+.5f}"
                   f"  loser-ref {mean('loser_minus_ref'):+.5f}  implicit acc {mean('implicit_acc'):.2f}"
                   f"  loser scale {mean('loser_scale'):.3f}")
-    figure = os.path.join(args.out, "safeguard.png")
-    plot(results, figure, args.steps)
-    print(f"\nplot: {figure}")
-    print(f"runs (TensorBoard logs, metrics.jsonl, trained UNets): {os.path.join(args.out, 'runs')}")
-    evaluate(args.out, base, os.path.join(args.out, "runs", "diffusion-dpo-safeguard"))
+    return results
 
 
 def evaluate(out, base, trained):

@@ -1,5 +1,6 @@
-"""Preference training of Stable Diffusion 1.5 / SDXL UNets: Diffusion-DPO, DSPO, DMPO or SFT,
-each with the optional winner-preserving safeguard of Diffusion-SDPO and timestep weighting.
+"""Preference training of Stable Diffusion 1.5 / SDXL UNets and SD3/SD3.5 transformers: Diffusion-DPO,
+DSPO, DMPO or SFT, each with the optional winner-preserving safeguard of Diffusion-SDPO and timestep
+weighting. The model family is read from the base pipeline's model_index.json (sdpo/families.py).
 
 One GPU:         accelerate launch --num_processes 1 train.py --pretrained_model_name_or_path ... --dataset_name ...
 Eight GPUs:      accelerate launch --num_processes 8 --multi_gpu train.py ...
@@ -24,7 +25,7 @@ import time
 
 import torch
 
-from sdpo import checkpoints, host_memory, hub, lora, models
+from sdpo import checkpoints, families, host_memory, hub, lora, models
 from sdpo.checkpoints import CONFIG_FILE
 from sdpo.conditioning import PromptEncoder
 from sdpo.data import PairBatch, build_dataloader, check_data, choose_winners, next_batch
@@ -32,7 +33,7 @@ from sdpo.errors import ArgumentParser, HelpFormatter, InputError, RunStopped, f
 from sdpo.files import MetricsFile, check_output_dir, write_json_atomic
 from sdpo.flags import image_size, no_empty_values
 from sdpo.losses import check_mu, preference_loss, sft_loss, winner_preserving_scale
-from sdpo.timesteps import MODES, log_importance_weights, pair_log_weights, pair_weights, timestep_range
+from sdpo.timesteps import MODES, log_weights, pair_log_weights, pair_weights, timestep_range
 
 logger = logging.getLogger("train")
 
@@ -58,7 +59,12 @@ def parse_args(argv=None):
     a("--pretrained_model_name_or_path", required=True, help="base pipeline: hub id or local folder")
     a("--pretrained_vae_model_name_or_path", default=None, help="a separate VAE (SDXL: madebyollin/sdxl-vae-fp16-fix)")
     a("--revision", default=None, help="revision of the base pipeline on the hub")
-    a("--sdxl", action="store_true", help="the base is an SDXL pipeline (two text encoders)")
+    a("--sdxl", action="store_true",
+      help="the base is an SDXL pipeline (two text encoders); checked against the pipeline's model_index.json, "
+           "which decides the family (SD1.x, SDXL or SD3/SD3.5)")
+    a("--no_t5", action="store_true",
+      help="SD3: leave out the T5 text encoder (zeros in its place, as StableDiffusion3Pipeline with "
+           "text_encoder_3=None): much less memory")
     a("--unet_init", default="",
       help="initialise the policy and the reference UNet from this UNet (folder, .safetensors or .pth), as the reference")
     a("--ref_unet", default="", metavar="PATH|base",
@@ -74,7 +80,8 @@ def parse_args(argv=None):
     a("--lora_target_modules", nargs="+", default=list(lora.DEFAULT_TARGETS), metavar="NAME",
       help="modules that get adapters: names or name suffixes (default: the attention projections, as diffusers' "
            "Diffusion-DPO example)")
-    a("--merge_lora", action="store_true", help="with --use_lora: also write the UNet with the adapters merged, to unet/")
+    a("--merge_lora", action="store_true", help="with --use_lora: also write the UNet with the adapters merged, to unet/ (SD3: "
+                                                  "the transformer, to transformer/)")
     # data
     a("--dataset_name", default=None, help="hub id, or a local folder with data/<split>-*.parquet, or one parquet file")
     a("--dataset_revision", default=None, help="revision of the dataset on the hub")
@@ -86,7 +93,8 @@ def parse_args(argv=None):
     a("--split", default="train", help="dataset split (only 'train' is shuffled, as in the reference)")
     a("--streaming", action="store_true", help="stream the dataset instead of downloading it first")
     a("--max_train_samples", type=int, default=None, help="keep this many pairs (seeded shuffle, then the first N)")
-    a("--resolution", type=int, default=None, help="training resolution, a multiple of 8 (default 512, SDXL 1024)")
+    a("--resolution", type=int, default=None,
+      help="training resolution, a multiple of 8 (default 512, SDXL and SD3 1024)")
     a("--random_crop", action="store_true", help="random instead of center crop")
     a("--no_hflip", action="store_true", help="no random horizontal flips")
     a("--proportion_empty_prompts", type=float, default=0.2, help="probability that a caption is replaced by ''")
@@ -106,7 +114,14 @@ def parse_args(argv=None):
     a("--winner_preserving_per_sample", action="store_true", help="one safeguard scale per pair instead of per micro-batch")
     a("--timestep_weighting", default="none", choices=MODES, help="none, clip-mask (DPO-C&M) or importance")
     a("--timestep_range", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
-      help="draw timesteps from [MIN, MAX) (default: all; 100 1000 for clip-mask and importance)")
+      help="draw timesteps from [MIN, MAX) (default: all; 100 1000 for clip-mask and importance); for rectified "
+           "flow, noise levels counted from the least noisy point of the scheduler's grid")
+    # rectified flow (SD3): how sigmas are drawn, with the flags of diffusers' SD3 training examples
+    a("--weighting_scheme", default="logit_normal", choices=["logit_normal", "mode", "none"],
+      help="rectified flow: the density sigmas are drawn from (none: uniform); the loss is not reweighted")
+    a("--logit_mean", type=float, default=0.0, help="logit_normal: the mean")
+    a("--logit_std", type=float, default=1.0, help="logit_normal: the standard deviation")
+    a("--mode_scale", type=float, default=1.29, help="mode: the scale")
     a("--is_mask_threshold", type=float, default=0.9, help="pairs whose importance weight is below this are masked")
     a("--is_clip_eps", type=float, default=0.2, help="importance weights are clamped to [1 - eps, 1 + eps]")
     a("--choice_model", default=None, type=choice_model, metavar="{" + ",".join(CHOICE_MODELS) + "}",
@@ -188,11 +203,15 @@ def parse_args(argv=None):
            "from WORLD_SIZE (default 1)")
     args = p.parse_args(argv)
 
+    # The family, from the pipeline's model_index.json (checked strictly, with --sdxl, in check_settings).
+    family = families.resolve(args.pretrained_model_name_or_path, args.sdxl, strict=False, revision=args.revision,
+                              cache_dir=args.cache_dir)
+    args.model_family = family.name
     if args.resolution is None:
-        args.resolution = models.default_resolution(args.sdxl)
+        args.resolution = family.resolution
     for flag in ("use_adafactor", "gradient_checkpointing"):
         if getattr(args, flag) is None:
-            setattr(args, flag, args.sdxl)  # the reference forces both on for SDXL; here they can be turned off
+            setattr(args, flag, family.memory_savers)  # the reference forces both on for SDXL; here they can be off
     if args.max_train_steps == 0:
         args.max_train_steps = None
     if args.mixed_precision is None:  # as diffusers' examples: accelerate launch's setting (its config file)
@@ -279,6 +298,7 @@ def check_settings(args):
     check(not (args.streaming and args.max_train_steps is None), "--streaming needs --max_train_steps")
     check(not (args.streaming and args.validation_pairs), "--validation_pairs needs a map-style dataset, not --streaming")
     check(not (args.sdxl_true_time_ids and not args.sdxl), "--sdxl_true_time_ids needs --sdxl")
+    check(args.logit_std > 0, f"--logit_std must be > 0, got {args.logit_std}")
     if args.latent_cache:
         for flag, used in (("--random_crop", args.random_crop), ("--streaming", args.streaming),
                            ("--choice_model", args.choice_model), ("--validation_split", args.validation_split)):
@@ -298,7 +318,17 @@ def check_settings(args):
         check(importlib.util.find_spec("wandb") is not None,
               "--report_to wandb: wandb is not installed (pip install wandb, or --report_to tensorboard)")
     # Paths.
-    models.check_base(args.pretrained_model_name_or_path, args.sdxl)
+    family = models.check_base(args.pretrained_model_name_or_path, args.sdxl, revision=args.revision,
+                               cache_dir=args.cache_dir)
+    check(not (args.no_t5 and not family.optional_t5), f"--no_t5: {args.pretrained_model_name_or_path} is an "
+                                                       f"{family.label} pipeline, which has no T5 encoder")
+    check(args.resolution % family.size_multiple == 0,
+          f"--resolution {args.resolution}: {family.label} takes sizes that are multiples of {family.size_multiple}")
+    if not family.sigma_density:  # the flow-matching flags would be ignored without a word
+        for flag, default in (("weighting_scheme", "logit_normal"), ("logit_mean", 0.0), ("logit_std", 1.0),
+                              ("mode_scale", 1.29)):
+            check(getattr(args, flag) == default, f"--{flag} applies to rectified flow (SD3); {family.label} draws "
+                                                  f"timesteps uniformly (--timestep_range limits them)")
     for flag in ("pretrained_vae_model_name_or_path", "unet_init", "ref_unet"):
         value = getattr(args, flag)
         if value and value != "base" and not os.path.exists(value) and not models.HUB_ID.fullmatch(value):
@@ -334,18 +364,18 @@ def load_models(args):
     none: sft, or LoRA whose reference is the policy with its adapters off (models.reference_role)."""
     import copy
 
-    base = args.pretrained_model_name_or_path
+    base, family = args.pretrained_model_name_or_path, families.get(args.model_family)
     hub = dict(revision=args.revision, cache_dir=args.cache_dir)
-    tokenizers, text_encoders = models.load_text_side(base, args.sdxl, **hub)
+    tokenizers, text_encoders = models.load_text_side(base, family, no_t5=args.no_t5, **hub)
     vae = None
     if not args.latent_cache or (args.validation_prompts and args.num_validation_images):
         vae = models.load_vae(base, args.pretrained_vae_model_name_or_path, **hub)
-    unet = models.load_unet(models.policy_source(args), base, "--unet_init", **hub)
+    unet = models.load_unet(models.policy_source(args), base, "--unet_init", family=family, **hub)
     ref_unet, role = None, models.reference_role(args)
     if role == "copy":  # the reference starts where the policy starts: copy, don't load twice
         ref_unet = copy.deepcopy(unet)
     elif role == "unet":
-        ref_unet = models.load_unet(models.reference_source(args), base, "--ref_unet", **hub)
+        ref_unet = models.load_unet(models.reference_source(args), base, "--ref_unet", family=family, **hub)
     return tokenizers, text_encoders, vae, unet, ref_unet
 
 
@@ -373,16 +403,15 @@ class MicroBatchLoss:
     """The loss of one micro-batch (and its statistics); everything it needs is fixed for the run.
     An optimizer step (train_step) accumulates it over --gradient_accumulation_steps micro-batches."""
 
-    def __init__(self, args, accelerator, unet, reference, vae, prompt_encoder, noise_scheduler, weight_dtype,
-                 timesteps: tuple[int, int], scaling_factor: float, device=None):
+    def __init__(self, args, accelerator, unet, reference, vae, prompt_encoder, noise, weight_dtype,
+                 timesteps: tuple[int, int], latent_norm: tuple[float, float | None], device=None):
         self.args, self.accelerator = args, accelerator
         # reference: what predicts for the reference (sdpo.lora.FrozenReference or AdaptersOff), None for sft
         self.unet, self.reference, self.vae = unet, reference, vae
-        self.prompt_encoder, self.noise_scheduler, self.weight_dtype = prompt_encoder, noise_scheduler, weight_dtype
-        self.t_lo, self.t_hi = timesteps  # draw t from [t_lo, t_hi)
-        self.prediction_type = noise_scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise InputError(f"unsupported scheduler prediction_type {self.prediction_type!r}")
+        self.prompt_encoder, self.weight_dtype = prompt_encoder, weight_dtype
+        self.family = prompt_encoder.family
+        self.noise = noise  # the noise process (sdpo.noise): DDPM or rectified flow
+        self.t_lo, self.t_hi = timesteps  # draw noise levels from [t_lo, t_hi)
         # The reference's numerics (kept as the default): under bf16 its latents, noise, noisy latents
         # and target stay in the weight dtype, its reference UNet runs in pure bf16 without autocast
         # (so does LoRA's: the frozen base is in the weight dtype and the adapters are off),
@@ -391,7 +420,7 @@ class MicroBatchLoss:
         self.reference_numerics = args.loss_precision == "reference"
         self.latent_dtype = weight_dtype if self.reference_numerics else torch.float32
         self.device = device or accelerator.device  # the benchmark counts FLOPs on the meta device
-        self.scaling_factor = scaling_factor
+        self.scaling_factor, self.shift_factor = latent_norm
 
     def posterior(self, batch: PairBatch):
         """The VAE's posterior (mean, std) over the kB latents of a batch, winners first: encoded
@@ -411,28 +440,29 @@ class MicroBatchLoss:
         return self.scale_latents(sample)
 
     def scale_latents(self, latents):
-        # Contiguous whatever the VAE's output layout, so that the UNet sees the same memory layout
-        # (and so computes the same bits) from the images and from the latent cache.
-        return (latents.to(self.latent_dtype) * self.scaling_factor).contiguous()
+        # Contiguous whatever the VAE's output layout, so that the denoiser sees the same memory
+        # layout (and so computes the same bits) from the images and from the latent cache.
+        latents = latents.to(self.latent_dtype)
+        return self.family.normalize(latents, self.scaling_factor, self.shift_factor).contiguous()
 
     def predict(self, latents, noise, t, batch: PairBatch, with_grad=True):
-        """(model_pred, ref_pred or None, target) for a batch's kB latents, noise and timesteps."""
+        """(model_pred, ref_pred or None, target) for a batch's kB latents, noise and grid indices t."""
         args, device = self.args, self.device
         k = latents.shape[0] // len(batch)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
+        noisy = self.noise.add_noise(latents, noise, t)
+        target = self.noise.target(latents, noise, t)
         # The caption is encoded once and shared by both branches, the policy and the reference.
         cond = self.prompt_encoder(batch.captions, device, self.weight_dtype, ids=batch.caption_ids).repeat(k)
-        if args.sdxl and args.sdxl_true_time_ids:  # (B, k, 6) -> winners' then losers' rows
-            cond.time_ids = batch.time_ids.transpose(0, 1).reshape(-1, 6).to(device, cond.time_ids.dtype)
-        cond = cond.unet_kwargs()
+        if args.sdxl_true_time_ids:  # each image's own SDXL micro-conditioning
+            cond = self.family.with_image_time_ids(cond, batch.time_ids)
+        inputs = self.family.model_inputs(noisy, self.noise.model_timesteps(t), cond)
         with torch.set_grad_enabled(with_grad), self.accelerator.autocast():
-            model_pred = self.unet(noisy, t, **cond).sample
+            model_pred = self.unet(**inputs).sample
         ref_pred = None
         if self.reference is not None and k == 2:
             ref_autocast = contextlib.nullcontext() if self.reference_numerics else self.accelerator.autocast()
             with torch.no_grad(), ref_autocast:
-                ref_pred = self.reference(noisy, t, **cond)
+                ref_pred = self.reference(**inputs)
         return model_pred, ref_pred, target
 
     def loss_and_stats(self, model_pred, ref_pred, target, t, weighting: str, safeguard: bool):
@@ -440,8 +470,8 @@ class MicroBatchLoss:
         args = self.args
         weights, stats = None, {}
         if weighting != "none":
-            log_w = log_importance_weights(model_pred, target, t, self.noise_scheduler.alphas_cumprod,
-                                           self.prediction_type, torch.randn_like(model_pred, dtype=torch.float32))
+            log_w = log_weights(model_pred, target, *self.noise.importance_terms(t),
+                                torch.randn_like(model_pred, dtype=torch.float32))
             log_w = log_w if ref_pred is None else pair_log_weights(log_w)  # sft: one weight per image
             weights = pair_weights(log_w, weighting, args.is_mask_threshold, args.is_clip_eps)
             stats = {"kept_fraction": (weights > 0).float().mean(), "importance_weight": log_w.exp().mean()}
@@ -454,19 +484,20 @@ class MicroBatchLoss:
                                             per_sample=args.winner_preserving_per_sample)
         loss, loss_stats = preference_loss(
             model_pred, ref_pred, target, method=args.train_method, beta=args.beta_dpo,
-            dmpo_alpha=args.dmpo_alpha, sdxl=args.sdxl, loser_scale=scale, pair_weights=weights,
+            dmpo_alpha=args.dmpo_alpha, dspo_form=self.family.dspo_form, loser_scale=scale, pair_weights=weights,
             upcast=not self.reference_numerics,
         )
         return loss, {**loss_stats, **stats}
 
     def __call__(self, batch: PairBatch):
         args = self.args
-        B, k = batch.time_ids.shape[:2]  # k = 2 (winner, loser) or 1 (sft)
+        B, k = len(batch), batch.images_per_pair  # k = 2 (winner, loser) or 1 (sft)
         latents = self.sample_latents(*self.posterior(batch))
         # One timestep and one noise per pair, shared by its winner and loser. The noise is drawn in
         # fp32 and then rounded to the latents' dtype, so both --loss_precision modes see the same draws.
-        noise = torch.randn_like(latents[:B], dtype=torch.float32).to(latents.dtype).repeat(k, 1, 1, 1)
-        t = torch.randint(self.t_lo, self.t_hi, (B,), device=self.device).repeat(k)
+        noise = torch.randn_like(latents[:B], dtype=torch.float32).to(latents.dtype)
+        noise = noise.repeat(k, *([1] * (noise.ndim - 1)))
+        t = self.noise.draw(B, self.t_lo, self.t_hi, device=self.device).repeat(k)
         model_pred, ref_pred, target = self.predict(latents, noise, t, batch)
         return self.loss_and_stats(model_pred, ref_pred, target, t, args.timestep_weighting,
                                    args.use_winner_preserving)
@@ -479,8 +510,8 @@ class Validation:
     """Held-out pairs, scored at fixed timesteps with fixed noise, so that numbers are comparable
     across steps and runs: the same weights give the same numbers, bitwise.
 
-    Each pair is scored at the same --validation_timesteps timesteps, evenly spaced over the run's
-    timestep range. Its VAE posterior sample and its noise come from a CPU generator seeded by the
+    Each pair is scored at the same --validation_timesteps noise levels, evenly spaced over the run's
+    range. Its VAE posterior sample and its noise come from a CPU generator seeded by the
     pair's index. Pairs are center-cropped, not flipped, and keep their captions. The processes
     share the pairs and sum their results.
     """
@@ -490,7 +521,8 @@ class Validation:
     def __init__(self, compute_loss: MicroBatchLoss, dataset, num_timesteps: int):
         self.compute_loss, self.dataset = compute_loss, dataset
         lo, hi = compute_loss.t_lo, compute_loss.t_hi
-        self.timesteps = [lo + (2 * i + 1) * (hi - lo) // (2 * num_timesteps) for i in range(num_timesteps)]
+        levels = [lo + (2 * i + 1) * (hi - lo) // (2 * num_timesteps) for i in range(num_timesteps)]
+        self.timesteps = [compute_loss.noise.index_at_level(level) for level in levels]  # grid indices
 
     @torch.no_grad()
     def __call__(self) -> dict[str, float]:
@@ -516,7 +548,7 @@ class Validation:
             counted = len(indices)  # a process out of pairs runs pair 0 again and counts nothing
             indices = indices or [0]
             batch = collate_pairs([self.dataset[(0, i)] for i in indices])
-            B, k = batch.time_ids.shape[:2]
+            B, k = len(batch), batch.images_per_pair
             mean, std = micro.posterior(batch)
             draws = [torch.Generator().manual_seed(VALIDATION_NOISE_SEED + i) for i in indices]
             shape = mean.shape[1:]
@@ -525,7 +557,7 @@ class Validation:
             latents = micro.scale_latents(mean + std * posterior_noise.reshape(B * k, *shape).to(device, mean.dtype))
             for t_value in self.timesteps:
                 noise = torch.stack([torch.randn(shape, generator=g) for g in draws]).to(device, latents.dtype)
-                noise = noise.repeat(k, 1, 1, 1)
+                noise = noise.repeat(k, *([1] * (noise.ndim - 1)))
                 t = torch.full((B * k,), t_value, device=device, dtype=torch.long)
                 model_pred, ref_pred, target = micro.predict(latents, noise, t, batch, with_grad=False)
                 loss, stats = micro.loss_and_stats(model_pred, ref_pred, target, t, "none", safeguard=False)
@@ -600,17 +632,20 @@ def run_seed(args, resume_state: dict | None, num_processes: int, draw=None) -> 
     return seed
 
 
-def check_models(args, noise_scheduler) -> tuple[int, int]:
+def check_models(args, noise) -> tuple[int, int]:
     """The model files (without loading weights) and the settings that depend on the noise
-    schedule; returns the timestep range [lo, hi)."""
+    process; returns the range of noise levels [lo, hi) to draw from."""
     hub = dict(revision=args.revision, cache_dir=args.cache_dir)
-    models.check_pipeline(args.pretrained_model_name_or_path, args.sdxl, args.pretrained_vae_model_name_or_path, **hub)
+    family = families.get(args.model_family)
+    models.check_pipeline(args.pretrained_model_name_or_path, family, args.pretrained_vae_model_name_or_path,
+                          no_t5=args.no_t5, **hub)
     for flag in ("unet_init", "ref_unet"):
         if getattr(args, flag):
-            models.check_unet(getattr(args, flag), args.pretrained_model_name_or_path, f"--{flag}", **hub)
+            models.check_unet(getattr(args, flag), args.pretrained_model_name_or_path, f"--{flag}", family, **hub)
     if args.use_lora:
-        lora.check_targets(models.base_unet_shapes(args.pretrained_model_name_or_path, **hub), args.lora_target_modules)
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+        lora.check_targets(models.base_unet_shapes(args.pretrained_model_name_or_path, family=family, **hub),
+                           args.lora_target_modules)
+    num_train_timesteps = noise.grid_size()
     try:
         lo, hi = timestep_range(args.timestep_weighting, args.timestep_range, num_train_timesteps)
     except ValueError as err:
@@ -630,17 +665,22 @@ def open_latent_cache(args, mixed_precision: str):
         return None
     from sdpo.cache import LatentCache
 
-    tokenizers = models.load_tokenizers(args.pretrained_model_name_or_path, args.sdxl, revision=args.revision,
-                                        cache_dir=args.cache_dir)
-    vae_dtype = models.vae_dtype(args.sdxl, models.DTYPES[mixed_precision], bool(args.pretrained_vae_model_name_or_path))
+    family = families.get(args.model_family)
+    tokenizers = models.load_tokenizers(args.pretrained_model_name_or_path, family, no_t5=args.no_t5,
+                                        revision=args.revision, cache_dir=args.cache_dir)
+    vae_dtype = family.vae_dtype(models.DTYPES[mixed_precision], bool(args.pretrained_vae_model_name_or_path))
     return LatentCache(args.latent_cache, args, vae_dtype, tokenizers)
 
 
-def load_noise_scheduler(args):
-    from diffusers import DDPMScheduler
-
-    return models.load_scheduler(DDPMScheduler, args.pretrained_model_name_or_path, revision=args.revision,
-                                 cache_dir=args.cache_dir)
+def load_noise(args):
+    """The family's noise process, on the base pipeline's training scheduler."""
+    family = families.get(args.model_family)
+    scheduler = models.load_scheduler(family.noise_scheduler_class(), args.pretrained_model_name_or_path,
+                                      revision=args.revision, cache_dir=args.cache_dir)
+    try:
+        return family.noise_process(scheduler, args)
+    except ValueError as err:  # a prediction type we do not train
+        raise InputError(f"--pretrained_model_name_or_path: its scheduler: {err}") from None
 
 
 @dataclass
@@ -648,7 +688,7 @@ class Inputs:
     """Everything a run derives from its settings before any model loads."""
 
     config: dict
-    noise_scheduler: object
+    noise: object  # the noise process (sdpo.noise)
     timesteps: tuple[int, int]
     dataloader: object
     num_pairs: int | None
@@ -656,15 +696,15 @@ class Inputs:
     start_step: int
     total_steps: int
     resume_path: str | None
-    scaling_factor: float | None = None  # the VAE's, read from the latent cache when there is one
+    latent_norm: tuple | None = None  # the VAE's (scaling, shift), read from the latent cache when there is one
 
 
 def prepare_inputs(args: Settings, num_processes: int, rank: int, mixed_precision: str, resume_path: str | None,
                    resume_state: dict | None) -> Inputs:
     """The checks that need no model (the checkpoint's settings, the model files, the noise
     schedule and timestep range), and this process's dataloader and held-out pairs."""
-    noise_scheduler = load_noise_scheduler(args)
-    timesteps = check_models(args, noise_scheduler)
+    noise = load_noise(args)
+    timesteps = check_models(args, noise)
     start_step = resume_state["global_step"] if resume_state else 0
     cache = open_latent_cache(args, mixed_precision)
     dataloader, num_pairs, validation_pairs = build_dataloader(
@@ -674,8 +714,8 @@ def prepare_inputs(args: Settings, num_processes: int, rank: int, mixed_precisio
         len(dataloader) / args.gradient_accumulation_steps)
     config = checkpoints.run_config(args, num_processes, mixed_precision, timesteps, resume_path, total_steps)
     checkpoints.check_resumable(resume_path, resume_state, config)
-    return Inputs(config, noise_scheduler, timesteps, dataloader, num_pairs, validation_pairs, start_step, total_steps,
-                  resume_path, cache.scaling_factor if cache else None)
+    return Inputs(config, noise, timesteps, dataloader, num_pairs, validation_pairs, start_step, total_steps,
+                  resume_path, (cache.scaling_factor, cache.shift_factor) if cache else None)
 
 
 def check_only(args, mixed_precision: str) -> None:
@@ -684,7 +724,7 @@ def check_only(args, mixed_precision: str) -> None:
     num_processes = int(os.environ.get("WORLD_SIZE", "1"))
     resume_path, resume_state = find_resume(args)
     settings = Settings(args, seed=run_seed(args, resume_state, num_processes))
-    timesteps = check_models(settings, load_noise_scheduler(settings))
+    timesteps = check_models(settings, load_noise(settings))
     check_data(settings, num_processes, open_latent_cache(settings, mixed_precision))
     config = checkpoints.run_config(settings, num_processes, mixed_precision, timesteps, resume_path, None)
     checkpoints.check_resumable(resume_path, resume_state, config)
@@ -743,6 +783,7 @@ def setup(args: Settings, accelerator, inputs: Inputs, parts=None, device=None) 
     from diffusers.optimization import get_scheduler
 
     device = device or accelerator.device
+    family = families.get(args.model_family)
     weight_dtype = models.DTYPES[accelerator.mixed_precision]
     # Models: the policy trains in fp32 under autocast; everything frozen runs in the weight dtype
     # (with LoRA the UNet itself, all but its fp32 adapters).
@@ -759,8 +800,7 @@ def setup(args: Settings, accelerator, inputs: Inputs, parts=None, device=None) 
         reference = lora.AdaptersOff(unet)
     else:
         reference = None
-    if vae is not None and models.vae_dtype(args.sdxl, weight_dtype,
-                                            bool(args.pretrained_vae_model_name_or_path)) != weight_dtype:
+    if vae is not None and family.vae_dtype(weight_dtype, bool(args.pretrained_vae_model_name_or_path)) != weight_dtype:
         vae.to(dtype=torch.float32)  # SDXL's original VAE overflows in fp16 (NaN latents)
         logger.warning("fp16 with SDXL's own VAE: encoding in fp32; the fp16-fix VAE "
                        "(--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix) is faster")
@@ -771,7 +811,7 @@ def setup(args: Settings, accelerator, inputs: Inputs, parts=None, device=None) 
         for model in (unet, ref_unet, vae):
             if model is not None:
                 model.to(memory_format=torch.channels_last)
-    prompt_encoder = PromptEncoder(tokenizers, text_encoders, args.resolution)
+    prompt_encoder = PromptEncoder(family, tokenizers, text_encoders, args.resolution, unet.config)
 
     trainable = lora.trainable_parameters(unet)
     logger.info("trainable parameters: %s of %s%s", f"{sum(p.numel() for p in trainable):,}",
@@ -787,9 +827,9 @@ def setup(args: Settings, accelerator, inputs: Inputs, parts=None, device=None) 
     if inputs.resume_path:
         checkpoints.load_checkpoint(inputs.resume_path, accelerator, unet, optimizer, lr_scheduler)
         logger.info("resumed from %s at step %d", inputs.resume_path, inputs.start_step)
-    scaling_factor = inputs.scaling_factor if inputs.scaling_factor is not None else vae.config.scaling_factor
-    compute_loss = MicroBatchLoss(args, accelerator, unet, reference, vae, prompt_encoder, inputs.noise_scheduler,
-                                  weight_dtype, inputs.timesteps, scaling_factor, device)
+    latent_norm = inputs.latent_norm or (vae.config.scaling_factor, getattr(vae.config, "shift_factor", None))
+    compute_loss = MicroBatchLoss(args, accelerator, unet, reference, vae, prompt_encoder, inputs.noise,
+                                  weight_dtype, inputs.timesteps, latent_norm, device)
     validation = None
     if inputs.validation_pairs is not None:
         validation = Validation(compute_loss, inputs.validation_pairs, args.validation_timesteps)
@@ -818,8 +858,6 @@ def _validate(run: Run, step: int, metrics: MetricsFile) -> None:
 
 def save_validation_images(run: Run, step: int) -> None:
     """Sample the validation prompts with the policy and save them as PNG and to the trackers."""
-    from diffusers import EulerDiscreteScheduler
-
     from sdpo.sampling import sample
 
     args, accelerator = run.args, run.accelerator
@@ -827,7 +865,11 @@ def save_validation_images(run: Run, step: int) -> None:
     if not accelerator.is_main_process and not checkpoints.is_sharded(accelerator):
         return
     unet = accelerator.unwrap_model(run.unet)
-    scheduler = EulerDiscreteScheduler.from_config(run.inputs.noise_scheduler.config)
+    family = run.prompt_encoder.family
+    scheduler = family.sampling_scheduler(run.inputs.noise.scheduler.config)
+    # The pipeline's text lengths (SD3: 256 T5 tokens), over the run's encoders.
+    prompts = PromptEncoder(family, run.prompt_encoder.tokenizers, run.prompt_encoder.text_encoders, args.resolution,
+                            unet.config, sampling=True)
     folder = os.path.join(args.output_dir, "validation", f"step-{step}")
     main = accelerator.is_main_process
     if main:
@@ -837,8 +879,8 @@ def save_validation_images(run: Run, step: int) -> None:
     with accelerator.autocast():
         for p, prompt in enumerate(args.validation_prompts):
             for i in range(args.num_validation_images):
-                image = sample(unet, run.vae, run.prompt_encoder, scheduler, [prompt], args.resolution,
-                               args.resolution, args.validation_sampling_steps, 7.5, args.seed + i, torch.float32)[0]
+                image = sample(unet, run.vae, prompts, scheduler, [prompt], args.resolution, args.resolution,
+                               args.validation_sampling_steps, family.sampling_cfg, args.seed + i, torch.float32)[0]
                 if main:
                     image.save(os.path.join(folder, f"{p}-{i}.png"))
                 images.append(image)
@@ -909,7 +951,7 @@ def fit(run: Run) -> dict:
     derived = inputs.config["derived"]
     total = inputs.total_steps
     logger.info("%s on %s: %d pairs per step (%d per process x %d accumulation x %d processes), %d steps, lr %g, "
-                "gradient clipping: %s, loss precision: %s", args.train_method, "SDXL" if args.sdxl else "SD1.x",
+                "gradient clipping: %s, loss precision: %s", args.train_method, families.get(args.model_family).label,
                 derived["pairs_per_step"], args.train_batch_size, accum, derived["num_processes"],
                 total, derived["effective_lr"], derived["gradient_clipping"], args.loss_precision)
 
@@ -974,6 +1016,7 @@ def save_final(run: Run) -> None:
     check_finite_weights(run, run.inputs.total_steps)
     accelerator.wait_for_everyone()
     sharded = checkpoints.is_sharded(accelerator)
+    folder = families.get(args.model_family).denoiser_folder
     whole = checkpoints.full_state_dict(run.unet) if sharded else None  # gathered from every process's shards
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(run.unet)
@@ -981,23 +1024,23 @@ def save_final(run: Run) -> None:
             tmp = os.path.join(args.output_dir, "lora.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-            written = lora.save_diffusers_lora(model, tmp, args.sdxl)
+            written = lora.save_diffusers_lora(model, tmp, families.get(args.model_family))
             os.replace(written, os.path.join(args.output_dir, lora.LORA_WEIGHTS))
             os.rmdir(tmp)
             logger.info("saved the LoRA adapters to %s", os.path.join(args.output_dir, lora.LORA_WEIGHTS))
             if args.merge_lora:
-                save_unet_atomic(merged_unet(args, model), args.output_dir)
-            elif os.path.exists(os.path.join(args.output_dir, "unet")):  # an earlier --merge_lora save's: stale now
-                checkpoints.remove_tree(os.path.join(args.output_dir, "unet"))
+                save_unet_atomic(merged_unet(args, model), args.output_dir, folder=folder)
+            elif os.path.exists(os.path.join(args.output_dir, folder)):  # an earlier --merge_lora save's: stale now
+                checkpoints.remove_tree(os.path.join(args.output_dir, folder))
         else:
-            save_unet_atomic(model, args.output_dir, whole)
+            save_unet_atomic(model, args.output_dir, whole, folder)
         images = hub.validation_images(args.output_dir, run.inputs.total_steps, args.validation_prompts,
                                        args.num_validation_images)
         checkpoints.write_model_card(run.inputs.config, run.inputs.total_steps, run.inputs.num_pairs,
                                      os.path.join(args.output_dir, "README.md"), images)
         if args.push_to_hub:
             name = hub.push(args.output_dir, args.hub_model_id, args.hub_private_repo,
-                            hub.upload_files(args.output_dir, images, args.use_lora, args.merge_lora))
+                            hub.upload_files(args.output_dir, images, args.use_lora, args.merge_lora, folder))
             logger.info("uploaded %s to the hub as %s", args.output_dir, name)
 
 
@@ -1005,16 +1048,17 @@ def merged_unet(args, trained):
     """The trained adapters merged into a fresh fp32 copy of the UNet they were trained on (the
     run's own base is in the weight dtype: merging there would round the base weights to it)."""
     base = models.load_unet(models.policy_source(args), args.pretrained_model_name_or_path, "--unet_init",
-                            revision=args.revision, cache_dir=args.cache_dir)
+                            family=families.get(args.model_family), revision=args.revision, cache_dir=args.cache_dir)
     lora.add_adapters(base, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     lora.load_adapter_state(base, lora.adapter_state(trained), "the trained adapters")
     return lora.merged(base)
 
 
-def save_unet_atomic(model, output_dir: str, state: dict | None = None) -> None:
-    """output_dir/unet/ (diffusers folder, safetensors), written beside and renamed into place;
-    `state`: the whole state dict of a sharded model (its parameters here are shards)."""
-    tmp = os.path.join(output_dir, "unet.tmp")
+def save_unet_atomic(model, output_dir: str, state: dict | None = None, folder: str = "unet") -> None:
+    """output_dir/unet/ (the family's folder: transformer/ for SD3; diffusers layout, safetensors),
+    written beside and renamed into place; `state`: the whole state dict of a sharded model (its
+    parameters here are shards)."""
+    tmp = os.path.join(output_dir, f"{folder}.tmp")
     if state is None:
         model.save_pretrained(tmp)
     else:  # the layout save_pretrained writes: config.json and one safetensors file
@@ -1024,11 +1068,11 @@ def save_unet_atomic(model, output_dir: str, state: dict | None = None) -> None:
         model.save_config(tmp)
         save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, "diffusion_pytorch_model.safetensors"),
                   metadata={"format": "pt"})
-    final = os.path.join(output_dir, "unet")
+    final = os.path.join(output_dir, folder)
     if os.path.exists(final):
         checkpoints.remove_tree(final)
     os.replace(tmp, final)
-    logger.info("saved the trained UNet to %s", final)
+    logger.info("saved the trained model to %s", final)
 
 
 def quiet_libraries() -> None:

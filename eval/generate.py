@@ -11,7 +11,10 @@ or is given as CKPT itself: a folder with pytorch_lora_weights.safetensors and n
 (not merged).
 
 Protocol:
-- Euler discrete sampling, 50 steps, seed 0, 512x512 (SD1.5) or 1024x1024 (SDXL).
+- Euler discrete sampling, 50 steps, seed 0, 512x512 (SD1.5) or 1024x1024 (SDXL). SD3/SD3.5 (the
+  family is read from the pipeline's model_index.json) samples as its pipeline does by default:
+  its flow-matching Euler scheduler, 28 steps, guidance_scale 7 (cfg 6 here), 1024x1024, 256 T5
+  tokens (or none with --no_t5).
 - The UNet and text encoders run in bf16 (fp32 on CPU) and the VAE decodes in fp32.
 - Every prompt starts from the same initial noise: a generator seeded with the seed, per prompt.
   So images do not depend on the batch size.
@@ -59,7 +62,7 @@ from eval import checks
 from sdpo.files import (atomic_path, check_output_dir, first_difference,
                         path_identity, remove_stale_temps, write_json_atomic)
 from eval.prompts import load_suite
-from sdpo import flags, lora, models
+from sdpo import families, flags, lora, models
 from sdpo.conditioning import PromptEncoder
 from sdpo.sampling import sample, vae_scale_factor
 from sdpo.errors import InputError, reports_input_errors
@@ -67,7 +70,6 @@ from sdpo.errors import InputError, reports_input_errors
 RECORD_NAME = "generation.json"
 PROTOCOL_VERSION = 1  # bump when the sampling code changes what images it makes
 IMAGE_NAME = re.compile(r"(\d+)_(\d+)x(\d+)\.png")
-SCHEDULER = "EulerDiscreteScheduler"
 
 
 def run_name(test_json: str, seed: int, height: int, width: int, steps: int, cfg: float) -> str:
@@ -118,7 +120,9 @@ def model_identity(args) -> dict:
     """The base pipeline (the parts generation loads), the UNet and the VAE, as sdpo.files.path_identity."""
     base = args.pretrain_path
     if os.path.isdir(base):
-        parts = ["tokenizer", "text_encoder", "scheduler", "unet"] + (["tokenizer_2", "text_encoder_2"] if args.sdxl else [])
+        family = families.get(args.model_family)
+        parts = ["tokenizer", "text_encoder", "scheduler", family.denoiser_folder]
+        parts += [folder for pair in family.text_folders(args.no_t5)[1:] for folder in pair[:2]]
         parts += [] if args.vae_path else ["vae"]
         files = {}
         for part in parts:
@@ -128,16 +132,20 @@ def model_identity(args) -> dict:
     else:
         pipeline = {"value": base}
     unet = "base" if args.unet_path == "base" else path_identity(
-        (models.unet_folder(args.unet_path) or args.unet_path) if os.path.isdir(args.unet_path) else args.unet_path)
+        (models.unet_folder(args.unet_path, families.get(args.model_family)) or args.unet_path)
+        if os.path.isdir(args.unet_path) else args.unet_path)
     vae = None if args.vae_path is None else path_identity(args.vae_path)
     identity = {"pretrain_path": pipeline, "unet_path": unet, "vae_path": vae, "sdxl": args.sdxl}
+    if args.no_t5:  # (absent without it: records written before --no_t5 stay valid)
+        identity["no_t5"] = True
     if args.lora_path:  # (absent without one: records written before --lora_path stay valid)
         identity["lora_path"] = path_identity(os.path.join(args.lora_path, lora.LORA_WEIGHTS))
     return identity
 
 
 def protocol(args) -> dict:
-    return {"version": PROTOCOL_VERSION, "scheduler": SCHEDULER, "seed": args.seed, "steps": args.steps,
+    scheduler = families.get(args.model_family).sampling_scheduler_name
+    return {"version": PROTOCOL_VERSION, "scheduler": scheduler, "seed": args.seed, "steps": args.steps,
             "cfg": args.cfg, "height": args.height, "width": args.width, "dtype": args.dtype,
             "device": torch.device(args.device).type}
 
@@ -161,29 +169,30 @@ def read_record(path: str) -> tuple[dict | None, str | None]:
 class Generator:
     """The sampling loop of the protocol over loaded components."""
 
-    def __init__(self, base: str, unet_spec: str, sdxl: bool, vae_path: str | None, device: str, dtype,
-                 lora_path: str | None = None):
-        from diffusers import EulerDiscreteScheduler
-
+    def __init__(self, base: str, unet_spec: str, family_name: str, no_t5: bool, vae_path: str | None, device: str,
+                 dtype, lora_path: str | None = None):
+        family = families.get(family_name)
         self.device, self.dtype = torch.device(device), dtype
         flag = "--pretrain_path"
         models.check_source(base, flag)
-        # The scheduler first (the cheapest proof that the base loads), then the UNet: a checkpoint
-        # that does not fit fails before the rest is loaded.
-        self.scheduler = models.load_scheduler(EulerDiscreteScheduler, base, flag)
-        self.unet = models.load_unet(unet_spec, base, "--unet_path", base_flag=flag)
+        # The scheduler first (the cheapest proof that the base loads), then the denoiser: a
+        # checkpoint that does not fit fails before the rest is loaded.
+        self.scheduler = models.load_scheduler(family.sampling_scheduler_class(), base, flag)
+        self.unet = models.load_unet(unet_spec, base, "--unet_path", base_flag=flag, family=family)
         if lora_path:
-            lora.load_diffusers_lora(self.unet, lora_path)
+            lora.load_diffusers_lora(self.unet, lora_path, prefix=family.denoiser_folder, name=family.denoiser_name)
         self.unet.to(self.device, dtype).eval()
         self.vae = models.load_vae(base, vae_path, "--vae_path", flag).to(self.device, torch.float32).eval()
-        tokenizers, encoders = models.load_text_side(base, sdxl, flag)
+        tokenizers, encoders = models.load_text_side(base, family, flag, no_t5=no_t5)
         for encoder in encoders:
             encoder.to(self.device, dtype).eval()
-        self.prompt_encoder = PromptEncoder(tokenizers, encoders, resolution=0)
+        self.prompt_encoder = PromptEncoder(family, tokenizers, encoders, 0, self.unet.config, sampling=True)
+        self.batches = family.batch_invariant
 
     def __call__(self, prompts: list[str], height: int, width: int, steps: int, cfg: float, seed: int):
-        return sample(self.unet, self.vae, self.prompt_encoder, self.scheduler, prompts, height, width, steps, cfg,
-                      seed, self.dtype)
+        groups = [prompts] if self.batches else [[p] for p in prompts]  # see Family.batch_invariant
+        return [image for group in groups for image in sample(self.unet, self.vae, self.prompt_encoder, self.scheduler,
+                                                              group, height, width, steps, cfg, seed, self.dtype)]
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -196,13 +205,19 @@ def check_args(args) -> None:
     checks.at_least_one(args.max_prompts, "--max_prompts")
     flags.image_size(args.height, "--height")
     flags.image_size(args.width, "--width")
+    family = families.get(args.model_family)
+    for flag, size in (("--height", args.height), ("--width", args.width)):
+        checks.check(size % family.size_multiple == 0, f"{flag} {size}: {family.label} takes sizes that are multiples "
+                                                      f"of {family.size_multiple}")
     checks.seed(args.seed)
     checks.guidance(args.cfg)
     args.device = flags.device(args.device)
     if args.dtype is None:
         args.dtype = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
-    models.check_base(args.pretrain_path, args.sdxl, "--pretrain_path")
-    if args.lora_path is None and lora.is_lora_folder(args.unet_path) and not models.unet_folder(args.unet_path):
+    family = models.check_base(args.pretrain_path, args.sdxl, "--pretrain_path")
+    checks.check(not (args.no_t5 and not family.optional_t5),
+                 f"--no_t5: {args.pretrain_path} is an {family.label} pipeline, which has no T5 encoder")
+    if args.lora_path is None and lora.is_lora_folder(args.unet_path) and not models.unet_folder(args.unet_path, family):
         args.unet_path, args.lora_path = "base", args.unet_path  # a LoRA folder given where a checkpoint goes
     if args.lora_path is not None:
         checks.check(lora.is_lora_folder(args.lora_path),
@@ -216,9 +231,9 @@ def check_args(args) -> None:
         checks.check(models.HUB_ID.fullmatch(args.vae_path) is not None,
                      f"--vae_path {args.vae_path!r}: no such folder, and not a hub id (owner/name)")
     # Configs and shapes only, no weight loads: a pipeline or VAE folder that lacks a part fails here.
-    models.check_pipeline(args.pretrain_path, args.sdxl, args.vae_path, "--pretrain_path", "--vae_path")
-    models.check_unet(args.unet_path, args.pretrain_path, "--unet_path")
-    check_steps(args.steps, args.pretrain_path)
+    models.check_pipeline(args.pretrain_path, family, args.vae_path, "--pretrain_path", "--vae_path", no_t5=args.no_t5)
+    models.check_unet(args.unet_path, args.pretrain_path, "--unet_path", family)
+    check_steps(args.steps, args.pretrain_path, family)
     args.suite = load_suite(args.test_json)
     if args.output_path is None:
         args.output_path = default_output_path(args)
@@ -227,7 +242,7 @@ def check_args(args) -> None:
     args.image_dir = check_output_dir(os.path.join(args.output_path, name), "--output_path")
 
 
-def same_model(a: str, b: str) -> bool | None:
+def same_model(a: str, b: str, family) -> bool | None:
     """Whether two model sources name the same model: equal strings, or local paths to the same
     folder or file (a train.py output dir and its unet/ count as one); None when one is local and
     the other a hub id (a local copy of a hub model cannot be told apart)."""
@@ -237,7 +252,7 @@ def same_model(a: str, b: str) -> bool | None:
         return False
     local_a, local_b = os.path.exists(a), os.path.exists(b)
     if local_a and local_b:
-        where = [models.unet_folder(p) or p if os.path.isdir(p) else p for p in (a, b)]
+        where = [models.unet_folder(p, family) or p if os.path.isdir(p) else p for p in (a, b)]
         return os.path.samefile(*where)
     return None if local_a != local_b else False
 
@@ -253,7 +268,7 @@ def check_lora_base(args) -> None:
     if not isinstance(base, str):
         return
     for flag, trained, given in (("--pretrain_path", base, args.pretrain_path), ("--unet_path", unet, args.unet_path)):
-        same = same_model(trained, given)
+        same = same_model(trained, given, families.get(args.model_family))
         if same is False:
             raise InputError(f"--lora_path {args.lora_path} was trained on {base}" +
                              (f" with --unet_init {unet}" if unet != "base" else "") +
@@ -263,12 +278,15 @@ def check_lora_base(args) -> None:
                   f"which may be the same model")
 
 
-def check_steps(steps: int, base: str) -> None:
+def check_steps(steps: int, base: str, family) -> None:
     """At most as many sampling steps as the scheduler has training timesteps: beyond that, steps
     repeat timesteps (or round to 0) and the run only costs time."""
-    from diffusers import EulerDiscreteScheduler
-
-    limit = models.load_scheduler(EulerDiscreteScheduler, base, "--pretrain_path").config.num_train_timesteps
+    config = models.load_scheduler(family.sampling_scheduler_class(), base, "--pretrain_path").config
+    try:
+        families.check_static_shift(config)
+    except ValueError as err:
+        raise InputError(f"--pretrain_path {base}: its scheduler: {err}") from None
+    limit = config.num_train_timesteps
     checks.check(steps <= limit, f"--steps must be at most {limit}, the scheduler's training timesteps, got {steps}")
 
 
@@ -321,7 +339,8 @@ def generate(args, loaded: dict | None = None) -> str:
     generator = None
     if todo:  # loaded before anything on disk changes: a model that fails to load leaves the folder as it was
         dtype = models.DTYPES[args.dtype]
-        key = (args.pretrain_path, args.unet_path, args.sdxl, args.vae_path, args.device, dtype, args.lora_path)
+        key = (args.pretrain_path, args.unet_path, args.model_family, args.no_t5, args.vae_path, args.device, dtype,
+               args.lora_path)
         loaded = {} if loaded is None else loaded
         if key not in loaded:
             loaded.clear()  # one set of models in memory at a time
@@ -359,18 +378,22 @@ def add_generation_flags(p) -> None:
                    help="unet.pth / .safetensors / diffusers folder / 'base' / a LoRA folder (as --lora_path on base)")
     p.add_argument("--lora_path", default=None,
                    help="a LoRA folder (train.py --use_lora output, diffusers' format) applied on top of --unet_path")
-    p.add_argument("--pretrain_path", default=None, help="base pipeline (default: SD1.5, or SDXL base with --sdxl)")
+    p.add_argument("--pretrain_path", default=None,
+                   help="base pipeline (default: SD1.5, or SDXL base with --sdxl); its model_index.json decides the "
+                        "family (SD1.x, SDXL, SD3/SD3.5)")
     p.add_argument("--vae_path", default=None, help="a separate VAE (default for SDXL: madebyollin/sdxl-vae-fp16-fix)")
     p.add_argument("--sdxl", action="store_true")
+    p.add_argument("--no_t5", action="store_true", help="SD3: sample without the T5 text encoder (text_encoder_3=None)")
     p.add_argument("--output_path", default=None,
                    help="parent of the image folder (default: beside the checkpoint; for base, outputs/base/<base model>)")
-    p.add_argument("--height", type=int, default=None, help="a multiple of 8; default 512, SDXL 1024")
-    p.add_argument("--width", type=int, default=None, help="a multiple of 8; default 512, SDXL 1024")
+    p.add_argument("--height", type=int, default=None, help="a multiple of 8; default 512, SDXL and SD3 1024")
+    p.add_argument("--width", type=int, default=None, help="a multiple of 8; default 512, SDXL and SD3 1024")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=7.5,
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; SD3: 28, its pipeline's)")
+    p.add_argument("--cfg", type=float, default=None,
                    help="guidance: cond + cfg (cond - uncond), the reference's formula; diffusers' guidance_scale "
-                        "is cfg + 1 (7.5 here is 8.5 there); 0 is no guidance, negative values are refused")
+                        "is cfg + 1 (7.5 here is 8.5 there); 0 is no guidance, negative values are refused "
+                        "(default 7.5; SD3: 6, its pipeline's guidance_scale 7)")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per batch (images do not depend on it)")
     p.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts, for a quick look")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
@@ -379,14 +402,16 @@ def add_generation_flags(p) -> None:
 
 
 def finish_args(args):
-    size = models.default_resolution(args.sdxl)
-    args.height = size if args.height is None else args.height
-    args.width = size if args.width is None else args.width
     if args.pretrain_path is None:
-        args.pretrain_path = ("stabilityai/stable-diffusion-xl-base-1.0" if args.sdxl
-                              else "stable-diffusion-v1-5/stable-diffusion-v1-5")
-    if args.sdxl and args.vae_path is None:
-        args.vae_path = "madebyollin/sdxl-vae-fp16-fix"
+        args.pretrain_path = families.get("sdxl" if args.sdxl else "sd15").default_pipeline
+    family = families.resolve(args.pretrain_path, args.sdxl, "--pretrain_path", strict=False)
+    args.model_family = family.name
+    args.height = family.resolution if args.height is None else args.height
+    args.width = family.resolution if args.width is None else args.width
+    args.steps = family.sampling_steps if args.steps is None else args.steps
+    args.cfg = family.sampling_cfg if args.cfg is None else args.cfg
+    if args.vae_path is None:
+        args.vae_path = family.default_vae
     args.image_dir = args.suite = None
     return args
 

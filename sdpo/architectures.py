@@ -1,10 +1,14 @@
-"""The real SD1.5 and SDXL architectures, built from the configs in `sdpo/configs/` with random
-weights and no download: for the benchmark, and wherever the real sizes matter but not the weights.
+"""The real SD1.5, SDXL and SD3.5-medium architectures, built from the configs in `sdpo/configs/`
+with random weights and no download: for the benchmark, and wherever the real sizes matter but not
+the weights.
 
-The configs are those of the released pipelines (stable-diffusion-v1-5 and
-stable-diffusion-xl-base-1.0): the SD1.5 UNet has 859.5 M parameters, SDXL's 2,567.5 M, the VAE
-83.7 M, the CLIP-L text encoder 123.1 M and SDXL's second (OpenCLIP bigG) one 694.7 M. The
-tokenizers are the real CLIP tokenizer, built offline (`sdpo.tiny.write_clip_tokenizer`).
+The configs are those of the released pipelines (stable-diffusion-v1-5, stable-diffusion-xl-base-1.0
+and stable-diffusion-3.5-medium): the SD1.5 UNet has 859.5 M parameters, SDXL's 2,567.5 M, the VAE
+83.7 M, the CLIP-L text encoder 123.1 M and SDXL's second (OpenCLIP bigG) one 694.7 M. SD3.5-medium's
+transformer has 2,243.2 M parameters (2,469.7 M with its fixed position embedding, a buffer here),
+its VAE (16 channels) 83.8 M, its CLIP-L and bigG with projections 123.7 M and 694.7 M, and its
+T5-v1.1-XXL encoder 4,762.3 M. The CLIP tokenizers are the real one, built offline
+(`sdpo.tiny.write_clip_tokenizer`); SD3's T5 tokenizer is a small offline stand-in.
 
 Built under `torch.device("meta")`, the models take no memory: enough to count FLOPs.
 """
@@ -18,7 +22,14 @@ import tempfile
 import torch
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-ARCHITECTURES = ("sd15", "sdxl")
+ARCHITECTURES = ("sd15", "sdxl", "sd3")
+
+
+def family(arch: str):
+    """The model family of an architecture (sdpo.families)."""
+    from sdpo import families
+
+    return families.get(arch)
 
 
 def config(arch: str, part: str) -> dict:
@@ -27,24 +38,32 @@ def config(arch: str, part: str) -> dict:
 
 
 def tokenizers(arch: str):
-    """The real CLIP tokenizer (SDXL's second one pads with "!", as released)."""
-    from sdpo.tiny import load_clip_tokenizer, write_clip_tokenizer
+    """The real CLIP tokenizer (the second one pads with "!", as released) and, for SD3, a T5-style
+    tokenizer built offline (a small vocabulary: the FLOPs of T5 do not depend on the ids)."""
+    from sdpo.tiny import load_clip_tokenizer, write_clip_tokenizer, write_t5_tokenizer
 
     folder = tempfile.mkdtemp(prefix="clip-tokenizer-")
-    write_clip_tokenizer(folder)
-    found = [load_clip_tokenizer(folder)]
-    if arch == "sdxl":
-        write_clip_tokenizer(folder + "-2", pad_token="!")
-        found.append(load_clip_tokenizer(folder + "-2"))
+    found = []
+    for n, (name, _, _) in enumerate(family(arch).text_folders()):
+        path = f"{folder}-{n}"
+        if name == "tokenizer_3":
+            from transformers import AutoTokenizer
+
+            write_t5_tokenizer(path, model_max_length=512)
+            found.append(AutoTokenizer.from_pretrained(path))
+        else:
+            write_clip_tokenizer(path, **({"pad_token": "!"} if n else {}))
+            found.append(load_clip_tokenizer(path))
     return found
 
 
 def text_encoders(arch: str):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    import transformers
 
-    parts = [CLIPTextModel(CLIPTextConfig(**config(arch, "text_encoder")))]
-    if arch == "sdxl":
-        parts.append(CLIPTextModelWithProjection(CLIPTextConfig(**config(arch, "text_encoder_2"))))
+    parts = []
+    for _, name, cls in family(arch).text_folders():
+        model = getattr(transformers, cls)
+        parts.append(model(model.config_class(**config(arch, name))))
     return parts
 
 
@@ -55,13 +74,13 @@ def vae(arch: str):
 
 
 def unet(arch: str):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel.from_config(config(arch, "unet"))
+    """The denoiser: a UNet (SD1.5, SDXL) or SD3's transformer."""
+    fam = family(arch)
+    return fam.denoiser_class().from_config(config(arch, fam.denoiser_folder))
 
 
 def build(arch: str, with_reference: bool = True, device: str | torch.device = "cpu", seed: int = 0):
-    """(tokenizers, text encoders, VAE, policy UNet, reference UNet or None), as train.load_models
+    """(tokenizers, text encoders, VAE, policy denoiser, reference or None), as train.load_models
     returns them, with random weights (the reference a copy of the policy), on `device`."""
     import copy
 
@@ -77,16 +96,14 @@ def build(arch: str, with_reference: bool = True, device: str | torch.device = "
 def save_pipeline(arch: str, folder: str, seed: int = 0) -> str:
     """The architecture with random weights, saved as a pipeline folder in the hub layout (what
     train.py, the reference's train.py and diffusers' pipelines load); SD1.5 is about 4 GB."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
+    fam = family(arch)
     toks, encoders, autoencoder, policy, _ = build(arch, with_reference=False, seed=seed)
-    scheduler = DDPMScheduler.from_config(config(arch, "scheduler"))
-    if arch == "sd15":
-        pipe = StableDiffusionPipeline(vae=autoencoder, text_encoder=encoders[0], tokenizer=toks[0], unet=policy,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    else:
-        pipe = StableDiffusionXLPipeline(vae=autoencoder, text_encoder=encoders[0], text_encoder_2=encoders[1],
-                                         tokenizer=toks[0], tokenizer_2=toks[1], unet=policy, scheduler=scheduler)
-    pipe.save_pretrained(folder)
+    scheduler = fam.noise_scheduler_class().from_config(config(arch, "scheduler"))
+    parts = {"vae": autoencoder, fam.denoiser_folder: policy, "scheduler": scheduler}
+    for (tok_name, enc_name, _), tokenizer, encoder in zip(fam.text_folders(), toks, encoders):
+        parts.update({tok_name: tokenizer, enc_name: encoder})
+    parts.update(fam.pipeline_extras)
+    getattr(diffusers, fam.pipeline_class)(**parts).save_pretrained(folder)
     return folder

@@ -2,7 +2,7 @@
 the VAE nor image decoding.
 
     python -m sdpo.cache --pretrained_model_name_or_path M --dataset_name D --resolution R --output_dir C \\
-        [--sdxl] [--pretrained_vae_model_name_or_path V] [--mixed_precision bf16] [--split train] ...
+        [--sdxl] [--no_t5] [--pretrained_vae_model_name_or_path V] [--mixed_precision bf16] [--split train] ...
     accelerate launch train.py ... (the same flags) --latent_cache C
 
 For every pair with a decided label (ties are never trained on) it stores, in the VAE's dtype, the
@@ -42,7 +42,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdpo import models
+from sdpo import families, models
 from sdpo.conditioning import PromptEncoder
 from sdpo.data import (RowPairs, UnreadableImage, center_crop, dataset_identity, mirrored_left,
                        resized_size)
@@ -70,15 +70,15 @@ def cache_settings(args, vae_dtype: torch.dtype, tokenizers) -> dict:
     """Everything that decides a cache's content; a run must match it to use the cache."""
     vocab = hashlib.sha256(json.dumps([sorted(t.get_vocab().items()) for t in tokenizers]).encode()).hexdigest()
     return {"format": FORMAT, "dataset": dataset_identity(args), "resolution": args.resolution, "crop": "center",
-            "sdxl": bool(args.sdxl), "vae": vae_identity(args), "vae_dtype": str(vae_dtype).removeprefix("torch."),
+            **families.get(args.model_family).cache_identity(args.no_t5), "vae": vae_identity(args), "vae_dtype": str(vae_dtype).removeprefix("torch."),
             "tokenizers": {"count": len(tokenizers), "vocab_sha256": vocab,
-                           "max_length": [t.model_max_length for t in tokenizers]}}
+                           "max_length": families.get(args.model_family).token_lengths(tokenizers)}}
 
 
 # ---- building -----------------------------------------------------------------------------------
 
 
-def encode_rows(data, rows, args, vae, tokenizers, encode_batch_size: int):
+def encode_rows(data, rows, args, vae, prompt_encoder: PromptEncoder, encode_batch_size: int):
     """The tensors of one shard: for each row, both images (jpg_0, jpg_1) at the center crop,
     unflipped and flipped, through the VAE."""
     from sdpo.data import (IMAGE_COLUMNS, LABEL_COLUMN, UnreadableImage, caption_text, decode_image,
@@ -114,9 +114,8 @@ def encode_rows(data, rows, args, vae, tokenizers, encode_batch_size: int):
                "label": torch.tensor([float(data[r][LABEL_COLUMN]) for r in rows], dtype=torch.float64),
                "original_size": torch.tensor(sizes, dtype=torch.int32),
                "mean": torch.cat(means).reshape(shape).contiguous(), "std": torch.cat(stds).reshape(shape).contiguous()}
-    for n, tokenizer in enumerate(tokenizers):
-        tensors[f"ids_{n}"] = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
-                                        truncation=True, return_tensors="pt").input_ids.to(torch.int32)
+    for n, ids in enumerate(prompt_encoder.token_ids(captions)):
+        tensors[f"ids_{n}"] = ids.to(torch.int32)
     return tensors
 
 
@@ -129,8 +128,9 @@ def build(args) -> str:
     check_output_dir(args.output_dir, "--output_dir")
     models.check_source(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
     hub = dict(revision=args.revision, cache_dir=args.cache_dir)
-    tokenizers = models.load_tokenizers(args.pretrained_model_name_or_path, args.sdxl, **hub)
-    vae_dtype = models.vae_dtype(args.sdxl, models.DTYPES[args.mixed_precision],
+    family = families.get(args.model_family)
+    tokenizers = models.load_tokenizers(args.pretrained_model_name_or_path, family, no_t5=args.no_t5, **hub)
+    vae_dtype = family.vae_dtype(models.DTYPES[args.mixed_precision],
                                  bool(args.pretrained_vae_model_name_or_path))  # as in training
     settings = cache_settings(args, vae_dtype, tokenizers)
     # How the rows are cut into shards and batched through the VAE: a resumed build must do the same.
@@ -170,7 +170,8 @@ def build(args) -> str:
         name = f"shard-{number:05d}.safetensors"
         shard = {"file": name, "pairs": len(chunk)}
         if not (name in done and _holds_rows(os.path.join(args.output_dir, name), chunk)):
-            tensors = encode_rows(data, chunk, args, vae, tokenizers, args.encode_batch_size)
+            tensors = encode_rows(data, chunk, args, vae, PromptEncoder(family, tokenizers, [], args.resolution),
+                                  args.encode_batch_size)
             with atomic_path(os.path.join(args.output_dir, name)) as tmp:
                 save_file(tensors, tmp)
             std, mean = tensors["std"].double(), tensors["mean"].double()
@@ -185,7 +186,8 @@ def build(args) -> str:
     posterior = {"mean_std": float(stats[0] / stats[3]), "max_std": float(stats[1]),
                  "mean_abs_mean": float(stats[2] / stats[3])}
     manifest = {"settings": settings, "layout": layout, "shards": shards, "pairs": len(rows), "ties": ties,
-                "scaling_factor": vae.config.scaling_factor, "posterior": posterior,
+                "scaling_factor": vae.config.scaling_factor, "shift_factor": getattr(vae.config, "shift_factor", None),
+                "posterior": posterior,
                 "bytes_per_pair": sum(os.path.getsize(os.path.join(args.output_dir, s["file"])) for s in shards)
                 / len(rows)}
     write_json_atomic(manifest, manifest_path)
@@ -225,6 +227,7 @@ class LatentCache:
             raise InputError(f"--latent_cache {folder} was built for other settings ({differ})")
         self.folder = folder
         self.scaling_factor = self.manifest["scaling_factor"]
+        self.shift_factor = self.manifest.get("shift_factor")  # (caches built before it was recorded: SD1.x, SDXL)
         self.index, self.labels, self.readable, self.sizes = {}, {}, {}, {}
         for shard in self.manifest["shards"]:
             with safe_open(os.path.join(folder, shard["file"]), "pt") as f:
@@ -239,7 +242,8 @@ class LatentCache:
                              f"says {self.manifest['pairs']}; build it again")
         self.num_tokenizers = self.manifest["settings"]["tokenizers"]["count"]
         # The token ids of the empty caption, for --proportion_empty_prompts.
-        self.empty_ids = [ids[0] for ids in PromptEncoder(tokenizers, [], args.resolution).token_ids([""])]
+        encoder = PromptEncoder(families.get(args.model_family), tokenizers, [], args.resolution)
+        self.empty_ids = [ids[0] for ids in encoder.token_ids([""])]
         self._open = {}
 
     def rows(self) -> list[int]:
@@ -311,13 +315,14 @@ def parse_args(argv=None):
     a("--revision", default=None)
     a("--cache_dir", default=None)
     a("--sdxl", action="store_true")
+    a("--no_t5", action="store_true", help="SD3: the run trains without T5 (no T5 token ids stored)")
     a("--dataset_name", required=True)
     a("--dataset_revision", default=None)
     a("--dataset_config_name", default=None)
     a("--train_data_dir", default=None)
     a("--split", default="train")
     a("--caption_column", default="caption")
-    a("--resolution", type=int, default=None, help="default 512, SDXL 1024")
+    a("--resolution", type=int, default=None, help="default 512, SDXL and SD3 1024")
     a("--random_crop", action="store_true", help="refused: a cache holds center crops")
     a("--no_hflip", action="store_true", help="accepted and ignored: both flips are always stored")
     a("--mixed_precision", default="bf16", choices=["no", "fp16", "bf16"], help="the VAE's dtype, as in training")
@@ -326,8 +331,11 @@ def parse_args(argv=None):
     a("--encode_batch_size", type=int, default=32, help="images per VAE call (even: an image and its mirror)")
     a("--device", default=None, help="default: cuda if available")
     args = p.parse_args(argv)
+    family = families.resolve(args.pretrained_model_name_or_path, args.sdxl, strict=False, revision=args.revision,
+                              cache_dir=args.cache_dir)
+    args.model_family = family.name
     if args.resolution is None:
-        args.resolution = models.default_resolution(args.sdxl)
+        args.resolution = family.resolution
     check_args(args)
     return args
 
@@ -351,7 +359,14 @@ def check_args(args) -> None:
     check_output_dir(args.output_dir, "--output_dir", create=False)
     if args.cache_dir is not None:
         check_output_dir(args.cache_dir, "--cache_dir", create=False)
-    models.check_base(args.pretrained_model_name_or_path, args.sdxl)
+    family = models.check_base(args.pretrained_model_name_or_path, args.sdxl, revision=args.revision,
+                               cache_dir=args.cache_dir)
+    if args.resolution % family.size_multiple:
+        raise InputError(f"--resolution {args.resolution}: {family.label} takes sizes that are multiples of "
+                         f"{family.size_multiple}")
+    if args.no_t5 and not family.optional_t5:
+        raise InputError(f"--no_t5: {args.pretrained_model_name_or_path} is an {family.label} pipeline, which has no "
+                         f"T5 encoder")
     vae = args.pretrained_vae_model_name_or_path
     source, subfolder, flag = ((vae, None, "--pretrained_vae_model_name_or_path") if vae else
                                (args.pretrained_model_name_or_path, "vae", "--pretrained_model_name_or_path"))

@@ -2,7 +2,8 @@
 run that wrote them (train_config.json, the settings a resume must match, the model card).
 
 `output_dir/checkpoint-N/` holds everything a run needs to continue exactly:
-- `unet/`: the policy UNet (diffusers folder, safetensors), or with LoRA `lora/`: the adapters
+- `unet/`: the policy UNet (diffusers folder, safetensors; SD3's transformer in `transformer/`),
+  or with LoRA `lora/`: the adapters
   alone (`adapter_model.safetensors`, peft's names, and `adapter_config.json`), not the base;
 - `optimizer.pt`, `lr_scheduler.pt`: state dicts (tensors and numbers only, loaded with
   `weights_only=True`);
@@ -32,19 +33,20 @@ import sys
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdpo import lora
+from sdpo import families, lora
 from sdpo.errors import InputError
 from sdpo.files import write_text_atomic
 from sdpo.models import DTYPES, HUB_ID, check_same_shapes, policy_source, reference_role, reference_source
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-LEFTOVER_RE = re.compile(r"^(checkpoint-\d+|unet|lora)\.(tmp|deleting)$")
+LEFTOVER_RE = re.compile(r"^(checkpoint-\d+|unet|transformer|lora)\.(tmp|deleting)$")
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "train_config.json"
 logger = logging.getLogger(__name__)
 REQUIRED_FILES = (STATE_FILE, "lr_scheduler.pt", "rng-0.safetensors")
-# The model's state comes in one of these forms: a whole UNet, LoRA adapters, or FSDP shards.
+# The model's state comes in one of these forms: a whole UNet (or transformer), LoRA adapters, or FSDP shards.
 MODEL_FORMS = ((os.path.join("unet", "config.json"), "optimizer.pt"),
+               (os.path.join("transformer", "config.json"), "optimizer.pt"),
                (os.path.join("lora", "adapter_model.safetensors"), "optimizer.pt"),
                (os.path.join("sharded", ".metadata"),))
 
@@ -202,7 +204,7 @@ def _save_whole(model, optimizer, folder: str) -> None:
         with open(os.path.join(folder, "lora", "adapter_config.json"), "w") as f:
             json.dump(lora.adapter_config(model), f, indent=2, default=str)
     else:
-        model.save_pretrained(os.path.join(folder, "unet"))
+        model.save_pretrained(os.path.join(folder, families.denoiser_folder_of(model)))
     torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
 
 
@@ -243,8 +245,6 @@ def save_checkpoint(accelerator, output_dir, step, unet, optimizer, lr_scheduler
 
 def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler) -> None:
     """Restore the policy weights (or its LoRA adapters), optimizer, lr schedule and this process's RNG."""
-    from diffusers import UNet2DConditionModel
-
     from sdpo.models import pretrained
 
     model = accelerator.unwrap_model(unet)
@@ -273,7 +273,7 @@ def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler) -> None:
                              f"({type(err).__name__})") from None
         lora.load_adapter_state(model, state, f"checkpoint {path}")
     else:
-        saved = pretrained(UNet2DConditionModel, path, "--resume_from_checkpoint", "unet")
+        saved = pretrained(type(model), path, "--resume_from_checkpoint", families.denoiser_folder_of(model))
         check_same_shapes(saved, model, f"checkpoint {path}", "the model being trained")
         model.load_state_dict(saved.state_dict())
         del saved
@@ -353,6 +353,7 @@ RESUMABLE_CHANGES = {
     "max_train_steps", "num_train_epochs", "gradient_checkpointing", "max_skipped_steps", "validation_steps",
     "validation_timesteps", "validation_prompts", "num_validation_images", "validation_sampling_steps", "derived",
     "merge_lora", "push_to_hub", "hub_model_id", "hub_private_repo",
+    "model_family",  # read from the base pipeline, itself a result setting
 }
 PATH_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset_name", "unet_init",
                  "ref_unet", "latent_cache")
@@ -360,7 +361,8 @@ PATH_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_
 
 # Result-changing settings added after checkpoints were first written, with the value that gives
 # the behaviour from before: a checkpoint that does not record one of them resumes with that value.
-ADDED_LATER = {"use_lora": False, "use_8bit_adam": False}
+ADDED_LATER = {"use_lora": False, "use_8bit_adam": False, "no_t5": False, "weighting_scheme": "logit_normal",
+               "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}
 
 
 def result_settings(config: dict) -> dict:
@@ -395,15 +397,22 @@ def check_resumable(resume_path: str | None, resume_state: dict | None, config: 
         check_same_settings(resume_path, resume_state.get("settings"), result_settings(config))
 
 
+def family_of(config: dict):
+    """The family a run trained (a record from before families names it by --sdxl)."""
+    return families.get(config.get("model_family") or ("sdxl" if config["sdxl"] else "sd15"))
+
+
 def load_line(config: dict) -> str:
     """How to load what the run saved, for the model card."""
+    family = family_of(config)
+    load = f"`{family.denoiser_class_name}.from_pretrained(path, subfolder=\"{family.denoiser_folder}\")`"
     if config.get("use_lora"):
         line = ("Load the LoRA on its base pipeline with `pipe.load_lora_weights(path)` "
                 f"(`{lora.LORA_WEIGHTS}`).")
         if config.get("merge_lora"):
-            line += " The merged UNet: `UNet2DConditionModel.from_pretrained(path, subfolder=\"unet\")`."
+            line += f" The merged UNet: {load}."
         return line
-    return "Load with `UNet2DConditionModel.from_pretrained(path, subfolder=\"unet\")`."
+    return f"Load with {load}."
 
 
 def card_metadata(config: dict, images: list[tuple[str, str]]) -> list[str]:
@@ -411,7 +420,8 @@ def card_metadata(config: dict, images: list[tuple[str, str]]) -> list[str]:
     local path is not a model the hub knows), tags, and the validation images as the widget."""
     c = config
     base = c["pretrained_model_name_or_path"]
-    tags = ["text-to-image", "diffusers", "stable-diffusion-xl" if c["sdxl"] else "stable-diffusion",
+    family = family_of(c)
+    tags = ["text-to-image", "diffusers", family.card_tag,
             "preference-optimization", c["train_method"]] + (["lora"] if c.get("use_lora") else [])
     lines = ["---", "library_name: diffusers"]
     if HUB_ID.fullmatch(base) and not os.path.exists(base):
@@ -438,7 +448,7 @@ def write_model_card(config: dict, step: int, num_pairs, path: str, images: list
         "", f"Trained with this project's `train.py`. {load_line(c)} Every setting is in `{CONFIG_FILE}`.", "",
         "| setting | value |", "|---|---|",
         f"| base model | {c['pretrained_model_name_or_path']} |",
-        f"| architecture | {'SDXL' if c['sdxl'] else 'SD1.x'} |",
+        f"| architecture | {family_of(c).label} |",
         f"| initial UNet / reference UNet | {d['policy_unet']} / {d['reference_unet']} |",
         f"| method | {c['train_method']} |",
         f"| beta | {c['beta_dpo']} |",

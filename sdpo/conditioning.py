@@ -1,11 +1,5 @@
-"""How a caption becomes UNet conditioning: the one place where SD1.5 and SDXL differ.
-
-- SD1.5: the text encoder's last hidden state.
-- SDXL: both text encoders' penultimate hidden states concatenated on the feature axis, the
-  pooled (projected) embedding of the second encoder, and the micro-conditioning time ids
-  (original_h, original_w, crop_top, crop_left, target_h, target_w), which the reference fixes
-  to (res, res, 0, 0, res, res) for every image. We keep that.
-"""
+"""How captions become the denoiser's conditioning. The family (sdpo.families) says how its text
+encoders' outputs combine; this module holds the result and the frozen encoders."""
 
 from __future__ import annotations
 
@@ -16,38 +10,44 @@ import torch
 
 @dataclass
 class Conditioning:
-    """UNet conditioning for a batch of captions."""
+    """The denoiser's conditioning for a batch of captions (batch-first tensors)."""
 
     encoder_hidden_states: torch.Tensor
-    text_embeds: torch.Tensor | None = None  # SDXL pooled embedding
-    time_ids: torch.Tensor | None = None  # SDXL micro-conditioning
+    pooled: torch.Tensor | None = None  # SDXL's text_embeds, SD3's pooled_projections
+    time_ids: torch.Tensor | None = None  # SDXL's micro-conditioning
 
     def repeat(self, n: int) -> "Conditioning":
         """The same conditioning for n stacked copies of the batch (winners, then losers)."""
         rep = lambda x: None if x is None else x.repeat(n, *([1] * (x.ndim - 1)))  # noqa: E731
-        return Conditioning(rep(self.encoder_hidden_states), rep(self.text_embeds), rep(self.time_ids))
+        return Conditioning(rep(self.encoder_hidden_states), rep(self.pooled), rep(self.time_ids))
 
-    def unet_kwargs(self) -> dict:
-        kwargs = {"encoder_hidden_states": self.encoder_hidden_states}
-        if self.text_embeds is not None:
-            kwargs["added_cond_kwargs"] = {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
-        return kwargs
+    def cat(self, other: "Conditioning") -> "Conditioning":
+        """This batch, then the other's."""
+        both = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+        return Conditioning(*(both(getattr(self, f), getattr(other, f))
+                              for f in ("encoder_hidden_states", "pooled", "time_ids")))
 
 
 class PromptEncoder:
-    """Encodes captions with frozen tokenizers and text encoders (one of each for SD1.5, two for SDXL)."""
+    """Encodes captions with a family's frozen tokenizers and text encoders."""
 
-    def __init__(self, tokenizers, text_encoders, resolution: int):
+    def __init__(self, family, tokenizers, text_encoders, resolution: int, denoiser_config=None,
+                 sampling: bool = False):
+        """sampling: the token lengths of the family's pipeline (SD3: 256 T5 tokens) instead of those
+        of its training examples (SD3: 77); `denoiser_config` gives SD3 without T5 the width of the
+        zeros in T5's place."""
+        self.family = family
         self.tokenizers = list(tokenizers)
         self.text_encoders = list(text_encoders)
-        self.sdxl = len(self.text_encoders) == 2
         self.resolution = resolution
+        self.token_lengths = family.token_lengths(self.tokenizers, sampling)
+        self.missing_context = family.missing_context(denoiser_config, sampling, len(self.text_encoders))
 
     def token_ids(self, captions: list[str]) -> list[torch.Tensor]:
         """The captions' token ids, one (N, max_length) tensor per tokenizer (what the latent cache
         stores)."""
-        return [tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                          return_tensors="pt").input_ids for tokenizer in self.tokenizers]
+        return [tokenizer(captions, max_length=length, padding="max_length", truncation=True,
+                          return_tensors="pt").input_ids for tokenizer, length in zip(self.tokenizers, self.token_lengths)]
 
     @torch.no_grad()
     def __call__(self, captions: list[str] | None, device, dtype=None, size: tuple[int, int] | None = None,
@@ -55,17 +55,5 @@ class PromptEncoder:
         """Conditioning for the captions, or for their token ids (`ids`, as token_ids gives them);
         `size` (h, w) sets SDXL's time ids (default: square at the resolution)."""
         ids = [i.to(device) for i in (ids if ids is not None else self.token_ids(captions))]
-        if not self.sdxl:
-            (encoder,) = self.text_encoders
-            hidden = encoder(ids[0]).last_hidden_state
-            return Conditioning(hidden if dtype is None else hidden.to(dtype))
-        hidden_states, pooled = [], None
-        for token_ids, encoder in zip(ids, self.text_encoders):
-            out = encoder(token_ids, output_hidden_states=True)
-            hidden_states.append(out.hidden_states[-2])
-            pooled = getattr(out, "text_embeds", None)
-        h, w = size or (self.resolution, self.resolution)
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=device).repeat(ids[0].shape[0], 1)
-        hidden = torch.cat(hidden_states, dim=-1)
-        dtype = dtype or hidden.dtype
-        return Conditioning(hidden.to(dtype), pooled.to(dtype), time_ids.to(dtype))
+        return self.family.encode(self.text_encoders, ids, device, dtype, size or (self.resolution, self.resolution),
+                                  self.missing_context)

@@ -461,7 +461,12 @@ class PairBatch:
     latent_std: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return self.time_ids.shape[0]
+        return len(self.captions) if self.captions is not None else self.caption_ids[0].shape[0]
+
+    @property
+    def images_per_pair(self) -> int:
+        """k: 2 (winner, loser), or 1 (sft: winners only)."""
+        return (self.pixels if self.pixels is not None else self.latent_mean).shape[1]
 
     def pin_memory(self) -> "PairBatch":
         """Pinned host memory for the tensors (the DataLoader calls this with pin_memory=True)."""

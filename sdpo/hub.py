@@ -26,15 +26,17 @@ def validation_images(output_dir: str, step: int, prompts, per_prompt: int) -> l
     return found
 
 
-def upload_files(output_dir: str, images: list[tuple[str, str]], use_lora: bool, merge_lora: bool) -> list[str]:
+def upload_files(output_dir: str, images: list[tuple[str, str]], use_lora: bool, merge_lora: bool,
+                 model_folder: str = "unet") -> list[str]:
     """The files of output_dir that go up, relative to it, sorted: this run's result only (not a
-    LoRA file or a unet/ that an earlier run with other settings left in the folder)."""
+    LoRA file or a unet/ that an earlier run with other settings left in the folder). model_folder:
+    the trained denoiser's folder (transformer/ for SD3)."""
     files = [CONFIG_FILE, "README.md", *(image for _, image in images)]
     if use_lora:
         files.append(LORA_WEIGHTS)
-    unet = os.path.join(output_dir, "unet")
+    unet = os.path.join(output_dir, model_folder)
     if (merge_lora or not use_lora) and os.path.isdir(unet):
-        files += [f"unet/{name}" for name in os.listdir(unet)]
+        files += [f"{model_folder}/{name}" for name in os.listdir(unet)]
     return sorted(f for f in files if os.path.isfile(os.path.join(output_dir, f)))
 
 

@@ -113,15 +113,17 @@ def load_adapter_state(unet, state: dict[str, torch.Tensor], where: str) -> None
     set_peft_model_state_dict(unet, state)
 
 
-def save_diffusers_lora(unet, folder: str, sdxl: bool) -> str:
-    """The adapters in diffusers' LoRA format (what `pipe.load_lora_weights(folder)` loads), with
-    the adapter config as metadata so that alpha and the targets load back as trained."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def save_diffusers_lora(model, folder: str, family) -> str:
+    """The adapters in diffusers' LoRA format (what `pipe.load_lora_weights(folder)` loads; keys
+    `unet.` or, for SD3, `transformer.`), with the adapter config as metadata so that alpha and the
+    targets load back as trained."""
+    import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    pipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(adapter_state(unet)),
-                               unet_lora_adapter_metadata=adapter_config(unet))
+    key = family.denoiser_folder
+    getattr(diffusers, family.pipeline_class).save_lora_weights(
+        folder, **{f"{key}_lora_layers": convert_state_dict_to_diffusers(adapter_state(model)),
+                   f"{key}_lora_adapter_metadata": adapter_config(model)})
     return os.path.join(folder, LORA_WEIGHTS)
 
 
@@ -138,9 +140,10 @@ def is_lora_folder(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, LORA_WEIGHTS))
 
 
-def load_diffusers_lora(unet, folder: str, flag: str = "--lora_path") -> None:
-    """Load a diffusers-format LoRA folder into a UNet, as `pipe.load_lora_weights` does; an
-    InputError when the folder holds none or its adapters do not fit this UNet (another base)."""
+def load_diffusers_lora(model, folder: str, flag: str = "--lora_path", prefix: str = "unet", name: str = "UNet") -> None:
+    """Load a diffusers-format LoRA folder into a denoiser (its keys start with `prefix`: unet, or
+    transformer for SD3), as `pipe.load_lora_weights` does; an InputError when the folder holds none
+    or its adapters do not fit this model (another base)."""
     from safetensors import safe_open
 
     path = os.path.join(folder, LORA_WEIGHTS)
@@ -148,20 +151,20 @@ def load_diffusers_lora(unet, folder: str, flag: str = "--lora_path") -> None:
         raise InputError(f"{flag} {folder}: no {LORA_WEIGHTS} in it (a train.py --use_lora output folder holds one)")
     try:
         with safe_open(path, "pt") as f:
-            unet_keys = [k for k in f.keys() if k.startswith("unet.")]
+            keys = [k for k in f.keys() if k.startswith(prefix + ".")]
     except Exception as err:
         raise InputError(f"{flag} {path}: not a readable .safetensors file ({first_line(err)})") from None
-    if not unet_keys:
-        raise InputError(f"{flag} {path}: holds no UNet adapters (no key starts with 'unet.')")
+    if not keys:
+        raise InputError(f"{flag} {path}: holds no adapters for this model (no key starts with '{prefix}.')")
     try:
-        unet.load_lora_adapter(folder, prefix="unet", weight_name=LORA_WEIGHTS, adapter_name="default")
+        model.load_lora_adapter(folder, prefix=prefix, weight_name=LORA_WEIGHTS, adapter_name="default")
     except Exception as err:  # size mismatches and unknown modules come as several error types
-        raise InputError(f"{flag} {folder}: its adapters do not fit this UNet (another base?): "
+        raise InputError(f"{flag} {folder}: its adapters do not fit this {name} (another base?): "
                          f"{first_line(err)}") from None
-    loaded = sum(1 for name, _ in unet.named_parameters() if ".lora_" in name)
-    if loaded != len(unet_keys):
-        raise InputError(f"{flag} {folder}: {len(unet_keys)} adapter tensors in the file, {loaded} found a place in "
-                         f"this UNet (a LoRA for another base?)")
+    loaded = sum(1 for name, _ in model.named_parameters() if ".lora_" in name)
+    if loaded != len(keys):
+        raise InputError(f"{flag} {folder}: {len(keys)} adapter tensors in the file, {loaded} found a place in "
+                         f"this {name} (a LoRA for another base?)")
 
 
 # ---- the reference's prediction -------------------------------------------------------------------
@@ -180,8 +183,8 @@ class FrozenReference:
     def compile(self) -> None:
         self.unet.compile()
 
-    def __call__(self, sample, timestep, **kwargs):
-        return self.unet(sample, timestep, **kwargs).sample
+    def __call__(self, *args, **inputs):  # the denoiser's keyword inputs (sdpo.families), or (sample, t, ...)
+        return self.unet(*args, **inputs).sample
 
 
 class AdaptersOff:
@@ -202,6 +205,6 @@ class AdaptersOff:
     def compile(self) -> None:
         self.forward = torch.compile(self.forward)
 
-    def __call__(self, sample, timestep, **kwargs):
+    def __call__(self, *args, **inputs):
         with adapters_disabled(self.policy):
-            return self.forward(sample, timestep, **kwargs).sample
+            return self.forward(*args, **inputs).sample

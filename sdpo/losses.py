@@ -21,6 +21,7 @@ import torch.nn.functional as F
 METHODS = ("diffusion-dpo", "dspo", "dmpo")
 SAFEGUARD_EPS = 1e-9  # the reference's epsilon in the safeguard's denominator
 DSPO_SDXL_SWITCH = 0.1  # the reference's threshold on mean((model_pred - ref_pred)**2), SDXL only
+DSPO_FORMS = ("sd15", "sdxl")  # DSPO's two forms in the reference, named by the model it runs them on
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
@@ -137,15 +138,15 @@ def dspo_term(
     ref_pred: torch.Tensor,
     target: torch.Tensor,
     beta: float,
-    sdxl: bool,
+    dspo_form: str,
     upcast: bool = True,
     **_,
 ) -> torch.Tensor:
     """DSPO in the reference's two forms. With r = pred_w - target_w, d = pred_w - ref_w and
     s = 1 - sigmoid(u) (broadcast over C, H, W; gradients flow through s, r and d):
 
-    - SD1.5: mean_CHW((r - beta * s * d)**2)
-    - SDXL:  mean_CHW((s * d)**2) if mean_i(mean_CHW(d_i**2)) >= 0.1, else s**2
+    - "sd15": mean_CHW((r - beta * s * d)**2)
+    - "sdxl": mean_CHW((s * d)**2) if mean_i(mean_CHW(d_i**2)) >= 0.1, else s**2
 
     The two forms differ in the reference; both are kept as it has them. The SDXL switch tests the
     mean of the per-sample means, as the reference does, and is a torch.where (no host sync, and
@@ -156,7 +157,9 @@ def dspo_term(
     pred_w = cast(model_pred[:B])
     drift = pred_w - cast(ref_pred[:B]).detach()
     s = (1 - torch.sigmoid(u)).view(B, *([1] * (drift.ndim - 1)))
-    if not sdxl:
+    if dspo_form not in DSPO_FORMS:
+        raise ValueError(f"unknown DSPO form {dspo_form!r}; choose one of {', '.join(DSPO_FORMS)}")
+    if dspo_form == "sd15":
         residual = pred_w - cast(target[:B])
         return _sample_mean((residual - beta * s * drift).pow(2))
     large_drift = _sample_mean(drift.pow(2)).mean() >= DSPO_SDXL_SWITCH
@@ -192,6 +195,7 @@ def preference_loss(
     method: str,
     beta: float,
     dmpo_alpha: float = 0.0,
+    dspo_form: str | None = None,
     sdxl: bool = False,
     loser_scale: torch.Tensor | float = 1.0,
     pair_weights: torch.Tensor | None = None,
@@ -204,6 +208,7 @@ def preference_loss(
     L_l = sg(l_l) + loser_scale * (l_l - sg(l_l)), so forward values never change. Then
     u = -0.5 * beta * ((l_w - L_l) - (r_w - r_l)) and the loss is the (weighted) mean over pairs
     of the objective's per-pair term (see OBJECTIVES). `ref_pred` is treated as constant.
+    dspo_form: DSPO's form (DSPO_FORMS, the family's); `sdxl=True` is the older spelling of "sdxl".
 
     upcast=True computes everything in at least float32. upcast=False reproduces the reference's
     bf16 numerics: each per-sample MSE, and r_w - r_l, is computed in the dtype its operands
@@ -225,9 +230,14 @@ def preference_loss(
     ref_w, ref_l = ref_losses.chunk(2)
     if isinstance(loser_scale, torch.Tensor):
         loser_scale = loser_scale.detach().to(loss_l.dtype)
+    if dspo_form is None:
+        dspo_form = "sdxl" if sdxl else "sd15"
+    elif sdxl and dspo_form != "sdxl":
+        raise ValueError(f"sdxl=True asks for DSPO's sdxl form, dspo_form={dspo_form!r} for another")
     u = preference_logit(loss_w, scale_gradient(loss_l, loser_scale), ref_w, ref_l, beta)
     terms = OBJECTIVES[method](
-        u, model_pred=model_pred, ref_pred=ref_pred, target=target, beta=beta, sdxl=sdxl, dmpo_alpha=dmpo_alpha,
+        u, model_pred=model_pred, ref_pred=ref_pred, target=target, beta=beta,
+        dspo_form=dspo_form, dmpo_alpha=dmpo_alpha,
         upcast=upcast,
     )
     loss = weighted_mean(terms, pair_weights)

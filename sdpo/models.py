@@ -4,19 +4,20 @@ Every loader here turns a path that does not hold what it should (a missing fold
 file, a checkpoint of another architecture) into an InputError that names the flag and the
 problem in one line, instead of a library traceback.
 
-SD1.5 and SDXL differ here only in how many tokenizers and text encoders they have; how a caption
-becomes conditioning is in `sdpo.conditioning`.
+What differs between model families (the denoiser's folder and class, the tokenizers and text
+encoders) the family says (sdpo.families); the loaders take it as `family`, SD1.5 by default (SDXL
+has the same UNet class and folder).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 
 import torch
 
+from sdpo import families
 from sdpo.errors import InputError, first_line
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -26,17 +27,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def default_resolution(sdxl: bool) -> int:
-    """The size each family was trained at: 1024 px for SDXL, 512 px for SD1.x."""
-    return 1024 if sdxl else 512
-
-
-def vae_dtype(sdxl: bool, weight_dtype: torch.dtype, separate_vae: bool) -> torch.dtype:
-    """The VAE runs in the weight dtype, except SDXL's own VAE under fp16, which overflows (NaN
-    latents); a separate VAE (the fp16-fix one) runs in fp16."""
-    if sdxl and weight_dtype == torch.float16 and not separate_vae:
-        return torch.float32
-    return weight_dtype
+SD15 = families.get("sd15")
 
 
 def policy_source(args) -> str:
@@ -85,13 +76,11 @@ def check_source(source: str, flag: str) -> None:
         raise InputError(f"{flag} {source!r}: no such folder, and not a hub id (owner/name)")
 
 
-def check_base(source: str, sdxl: bool, flag: str = "--pretrained_model_name_or_path") -> None:
-    """A base pipeline source must exist (see check_source) and, when local, be of the kind --sdxl says."""
+def check_base(source: str, sdxl: bool, flag: str = "--pretrained_model_name_or_path", **hub):
+    """A base pipeline source must exist (see check_source), be of a family we train, and be SDXL
+    exactly when --sdxl says so; returns its family (sdpo.families.resolve)."""
     check_source(source, flag)
-    found = is_sdxl_pipeline(source)
-    if found is not None and found != sdxl:
-        raise InputError(f"{flag} {source} is {'an SDXL' if found else 'an SD1.x'} pipeline: "
-                         f"{'add' if found else 'remove'} --sdxl")
+    return families.resolve(source, sdxl, flag, **hub)
 
 
 def pretrained(cls, source: str, flag: str, subfolder: str | None = None, **kwargs):
@@ -105,34 +94,18 @@ def pretrained(cls, source: str, flag: str, subfolder: str | None = None, **kwar
         raise InputError(f"{flag}: cannot load the {cls.__name__} from {where}: {first_line(err)}") from None
 
 
-def is_sdxl_pipeline(source: str) -> bool | None:
-    """Whether a local pipeline folder is SDXL (it has text_encoder_2); None when not local."""
-    index = os.path.join(source, "model_index.json")
-    if not os.path.isfile(index):
-        return None
-    try:
-        with open(index) as f:
-            return "text_encoder_2" in json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"{index}: unreadable ({first_line(err)})") from None
+def load_tokenizers(base: str, family, flag: str = "--pretrained_model_name_or_path", no_t5: bool = False, **hub):
+    """The family's tokenizers (SD3 without T5: its two CLIP ones)."""
+    return [pretrained(family.tokenizer_class(name), base, flag, name, **hub) for name, _, _ in family.text_folders(no_t5)]
 
 
-def load_tokenizers(base: str, sdxl: bool, flag: str = "--pretrained_model_name_or_path", **hub):
-    """The tokenizers: one for SD1.5, two for SDXL."""
-    from transformers import CLIPTokenizer
+def load_text_side(base: str, family, flag: str = "--pretrained_model_name_or_path", no_t5: bool = False, **hub):
+    """The family's tokenizers and text encoders."""
+    import transformers
 
-    names = ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",)
-    return [pretrained(CLIPTokenizer, base, flag, name, **hub) for name in names]
-
-
-def load_text_side(base: str, sdxl: bool, flag: str = "--pretrained_model_name_or_path", **hub):
-    """The tokenizers and text encoders: one of each for SD1.5, two for SDXL."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    encoders = [pretrained(CLIPTextModel, base, flag, "text_encoder", **hub)]
-    if sdxl:
-        encoders.append(pretrained(CLIPTextModelWithProjection, base, flag, "text_encoder_2", **hub))
-    return load_tokenizers(base, sdxl, flag, **hub), encoders
+    encoders = [pretrained(getattr(transformers, cls), base, flag, name, **hub)
+                for _, name, cls in family.text_folders(no_t5)]
+    return load_tokenizers(base, family, flag, no_t5, **hub), encoders
 
 
 def load_vae(base: str, vae: str | None = None, vae_flag: str = "--pretrained_vae_model_name_or_path",
@@ -164,16 +137,16 @@ def first_shape_mismatch(ours: dict, theirs: dict):
 
 
 def check_same_shapes(model, reference, name: str, reference_name: str) -> None:
-    """Stop with a clear error if two UNets' parameters differ in names or shapes."""
+    """Stop with a clear error if two models' parameters differ in names or shapes."""
     mismatch = first_shape_mismatch(model.state_dict(), reference.state_dict())
     if mismatch:
         key, a, b = mismatch
         raise InputError(f"{name} does not match {reference_name}: parameter {key} has shape {a} there and {b} here")
 
 
-def base_unet_shapes(base: str, flag: str = "--pretrained_model_name_or_path", **hub):
-    """The base pipeline's UNet built from its config on the meta device: shapes, no weights."""
-    return unet_from_config(base, flag, subfolder="unet", **hub)
+def base_unet_shapes(base: str, flag: str = "--pretrained_model_name_or_path", family=SD15, **hub):
+    """The base pipeline's denoiser built from its config on the meta device: shapes, no weights."""
+    return unet_from_config(base, flag, subfolder=family.denoiser_folder, family=family, **hub)
 
 
 def _read_state_dict(path: str, flag: str, mmap: bool = False) -> dict:
@@ -199,17 +172,17 @@ def _read_state_dict(path: str, flag: str, mmap: bool = False) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def unet_folder(folder: str) -> str | None:
-    """Where a diffusers UNet lies in a folder: its unet/ (a train.py output dir or a pipeline), or
-    the folder itself; None when neither has a config.json."""
-    for candidate in (os.path.join(folder, "unet"), folder):
+def unet_folder(folder: str, family) -> str | None:
+    """Where a diffusers denoiser lies in a folder: its unet/ (transformer/ for SD3: a train.py
+    output dir or a pipeline), or the folder itself; None when neither has a config.json."""
+    for candidate in (os.path.join(folder, family.denoiser_folder), folder):
         if os.path.isfile(os.path.join(candidate, "config.json")):
             return candidate
     return None
 
 
-def checkpoint_shapes(spec: str, flag: str, **hub) -> dict:
-    """The parameter shapes a UNet checkpoint holds, read without loading its weights (safetensors
+def checkpoint_shapes(spec: str, flag: str, family=SD15, **hub) -> dict:
+    """The parameter shapes a denoiser checkpoint holds, read without loading its weights (safetensors
     headers, a memory-mapped .pth, or a config), as meta tensors: a truncated or foreign file is
     found here, in seconds."""
     from safetensors import safe_open
@@ -225,41 +198,46 @@ def checkpoint_shapes(spec: str, flag: str, **hub) -> dict:
         return shapes
 
     if os.path.isdir(spec):
-        folder = unet_folder(spec)
+        folder = unet_folder(spec, family)
         if folder:
             weights = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
             if weights:
                 return from_safetensors([os.path.join(folder, f) for f in weights])
-            return unet_from_config(folder, f"{flag} {spec}").state_dict()
-        raise InputError(f"{flag} {spec}: a folder that holds no diffusers UNet (no config.json, no unet/config.json)")
+            return unet_from_config(folder, f"{flag} {spec}", family=family).state_dict()
+        raise InputError(no_denoiser_message(spec, flag, family))
     if os.path.isfile(spec):
         if spec.endswith(".safetensors"):
             return from_safetensors([spec])
         return {k: torch.empty(v.shape, device="meta") for k, v in _read_state_dict(spec, flag, mmap=True).items()}
     if HUB_ID.fullmatch(spec):
-        return unet_from_config(spec, flag, subfolder="unet", **hub).state_dict()
+        return unet_from_config(spec, flag, subfolder=family.denoiser_folder, family=family, **hub).state_dict()
     raise InputError(f"{flag} {spec!r}: not found (give 'base', a folder, a .safetensors or a .pth file, or a hub id)")
 
 
-def unet_from_config(source: str, flag: str, subfolder: str | None = None, **hub):
-    """A UNet built from a config on the meta device: its shapes, no weights."""
-    from diffusers import UNet2DConditionModel
+def no_denoiser_message(spec: str, flag: str, family) -> str:
+    return (f"{flag} {spec}: a folder that holds no diffusers {family.denoiser_name} (no config.json, no "
+            f"{family.denoiser_folder}/config.json)")
 
+
+def unet_from_config(source: str, flag: str, subfolder: str | None = None, family=SD15, **hub):
+    """A denoiser built from a config on the meta device: its shapes, no weights."""
+    cls = family.denoiser_class()
     try:
-        config = UNet2DConditionModel.load_config(source, subfolder=subfolder, **hub)
+        config = cls.load_config(source, subfolder=subfolder, **hub)
     except Exception as err:
-        raise InputError(f"{flag}: cannot read the UNet config of {source}: {first_line(err)}") from None
+        raise InputError(f"{flag}: cannot read the {family.denoiser_name} config of {source}: {first_line(err)}") from None
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config)
+        return cls.from_config(config)
 
 
-def meta_pipeline(base: str, sdxl: bool, flag: str = "--pretrained_model_name_or_path", **hub):
-    """(tokenizers, text encoders, VAE, UNet) of a pipeline built from its configs on the meta
+def meta_pipeline(base: str, family, flag: str = "--pretrained_model_name_or_path", **hub):
+    """(tokenizers, text encoders, VAE, denoiser) of a pipeline built from its configs on the meta
     device: every shape, no weights (to count FLOPs at any size)."""
+    import transformers
     from diffusers import AutoencoderKL
-    from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import AutoConfig
 
-    parts = [(CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2")][: 1 + sdxl]
+    parts = [(getattr(transformers, cls), name) for _, name, cls in family.text_folders()]
     try:
         configs = [AutoConfig.from_pretrained(base, subfolder=name, **hub) for _, name in parts]
         vae_config = AutoencoderKL.load_config(base, subfolder="vae", **hub)
@@ -268,34 +246,35 @@ def meta_pipeline(base: str, sdxl: bool, flag: str = "--pretrained_model_name_or
     with torch.device("meta"):
         encoders = [cls(config) for (cls, _), config in zip(parts, configs)]
         vae = AutoencoderKL.from_config(vae_config)
-    return load_tokenizers(base, sdxl, flag, **hub), encoders, vae, unet_from_config(base, flag, "unet", **hub)
+    return (load_tokenizers(base, family, flag, **hub), encoders, vae,
+            unet_from_config(base, flag, family.denoiser_folder, family, **hub))
 
 
 def check_fits(state: dict, spec: str, flag: str, base: str, base_flag: str = "--pretrained_model_name_or_path",
-               **hub) -> None:
-    """A UNet checkpoint's state dict (or its shapes) must have the base UNet's names and shapes."""
-    mismatch = first_shape_mismatch(state, base_unet_shapes(base, base_flag, **hub).state_dict())
+               family=SD15, **hub) -> None:
+    """A denoiser checkpoint's state dict (or its shapes) must have the base denoiser's names and shapes."""
+    mismatch = first_shape_mismatch(state, base_unet_shapes(base, base_flag, family, **hub).state_dict())
     if mismatch:
         key, got, expected = mismatch
-        raise InputError(f"{flag} {spec} does not fit the UNet of {base}: parameter {key} is {got} there, "
-                         f"{expected} in the model")
+        raise InputError(f"{flag} {spec} does not fit the {family.denoiser_name} of {base}: parameter {key} is {got} "
+                         f"there, {expected} in the model")
 
 
-def check_unet(spec: str, base: str, flag: str, **hub) -> None:
-    """A UNet checkpoint must fit the base pipeline's UNet; checked without loading either's weights."""
+def check_unet(spec: str, base: str, flag: str, family=SD15, **hub) -> None:
+    """A denoiser checkpoint must fit the base pipeline's; checked without loading either's weights."""
     if spec != "base":
-        check_fits(checkpoint_shapes(spec, flag, **hub), spec, flag, base, **hub)
+        check_fits(checkpoint_shapes(spec, flag, family, **hub), spec, flag, base, family=family, **hub)
 
 
-def check_pipeline(base: str, sdxl: bool, vae: str | None, flag: str = "--pretrained_model_name_or_path",
-                   vae_flag: str = "--pretrained_vae_model_name_or_path", **hub) -> None:
+def check_pipeline(base: str, family, vae: str | None, flag: str = "--pretrained_model_name_or_path",
+                   vae_flag: str = "--pretrained_vae_model_name_or_path", no_t5: bool = False, **hub) -> None:
     """The pipeline's parts must be there with readable configs (and the VAE's weights readable),
     found before any weight loads."""
     from diffusers import AutoencoderKL
     from transformers import AutoConfig
 
-    base_unet_shapes(base, flag, **hub)
-    for name in ("text_encoder", "text_encoder_2")[: 2 if sdxl else 1]:
+    base_unet_shapes(base, flag, family, **hub)
+    for _, name, _ in family.text_folders(no_t5):
         try:
             AutoConfig.from_pretrained(base, subfolder=name, **hub)
         except Exception as err:
@@ -325,7 +304,7 @@ def check_weight_files(folder: str, flag: str) -> None:
 
 
 def load_unet(spec: str, base: str, flag: str = "--unet_path", base_flag: str = "--pretrained_model_name_or_path",
-              **hub):
+              family=SD15, **hub):
     """A UNet from any of the forms checkpoints come in, checked against the base pipeline's UNet:
 
     - "base": the base pipeline's own UNet;
@@ -333,28 +312,27 @@ def load_unet(spec: str, base: str, flag: str = "--unet_path", base_flag: str = 
     - a .safetensors state dict, or a reference-style .pth/.pt/.bin state dict. Pickled files
       are opened with weights_only=True, so one whose pickle would run code is refused.
     Every form must have the base UNet's parameter names and shapes (an SDXL UNet with an SD1.5
-    base is refused, naming the first parameter that does not fit).
+    base is refused, naming the first parameter that does not fit). The family's denoiser (SD3:
+    the transformer, in transformer/) loads the same ways.
     """
-    from diffusers import UNet2DConditionModel
-
+    cls, sub = family.denoiser_class(), family.denoiser_folder
     if spec == "base":
-        return pretrained(UNet2DConditionModel, base, base_flag, "unet", **hub)
+        return pretrained(cls, base, base_flag, sub, **hub)
     unet = None
     if os.path.isdir(spec):
-        folder = unet_folder(spec)
+        folder = unet_folder(spec, family)
         if not folder:
-            raise InputError(f"{flag} {spec}: a folder that holds no diffusers UNet (no config.json, no "
-                             f"unet/config.json)")
-        unet = pretrained(UNet2DConditionModel, folder, f"{flag} {spec}")
+            raise InputError(no_denoiser_message(spec, flag, family))
+        unet = pretrained(cls, folder, f"{flag} {spec}")
     elif not os.path.exists(spec) and HUB_ID.fullmatch(spec):  # a hub repository with a unet/ folder
-        unet = pretrained(UNet2DConditionModel, spec, flag, "unet", **hub)
+        unet = pretrained(cls, spec, flag, sub, **hub)
     if unet is not None:
-        check_fits(unet.state_dict(), spec, flag, base, base_flag, **hub)
+        check_fits(unet.state_dict(), spec, flag, base, base_flag, family, **hub)
         return unet
     if not os.path.isfile(spec):
         raise InputError(f"{flag} {spec!r}: not found (give 'base', a folder, a .safetensors or a .pth file)")
     state = _read_state_dict(spec, flag)
-    check_fits(state, spec, flag, base, base_flag, **hub)
-    unet = pretrained(UNet2DConditionModel, base, base_flag, "unet", **hub)
+    check_fits(state, spec, flag, base, base_flag, family, **hub)
+    unet = pretrained(cls, base, base_flag, sub, **hub)
     unet.load_state_dict(state)
     return unet

@@ -13,7 +13,10 @@ importance weight of docs/methods.md needs. The posterior is the general Gaussia
 al., "Variational Diffusion Models"); for DDPM it is the familiar DDPM posterior
 (sdpo.timesteps.posterior_coefficients), which the tests check.
 
-Not wired into train.py yet: SD1.5 and SDXL train through sdpo.timesteps and the DDPM scheduler.
+Training (train.py) draws grid indices in a range of noise levels: a level counts grid points from
+the least noisy one (level 0) up, so `--timestep_range MIN MAX` keeps the same meaning (MIN cuts
+the least noisy levels) for both processes. For DDPM the level, the grid index and the model's
+timestep are the same integer.
 """
 
 from __future__ import annotations
@@ -44,6 +47,16 @@ class GaussianProcess:
     def grid_size(self) -> int:
         raise NotImplementedError
 
+    def index_at_level(self, level: int) -> int:
+        """The grid index of a noise level (0: the least noisy grid point)."""
+        return level
+
+    def importance_terms(self, index: torch.Tensor):
+        """(coef_x0, var, k) at grid indices, float64: the importance weight's posterior coefficient
+        of x0, its (clamped) variance, and k with x0_hat - x0 = k (target - pred)."""
+        _, coef_x0, var = self.posterior(index)
+        return coef_x0, var, self.x0_error_scale(index)
+
     def posterior(self, index: torch.Tensor):
         """(coef_xt, coef_x0, var) of q(x_s | x_t, x0) at grid indices, float64, var clamped."""
         coef_xt, coef_x0, var = gaussian_posterior(*self.marginal(index), *self.previous(index))
@@ -68,6 +81,17 @@ class DDPM(GaussianProcess):
     def draw(self, batch: int, lo: int, hi: int, device=None) -> torch.Tensor:
         """Integer timesteps, uniform on [lo, hi): they are both the grid index and the model's timestep."""
         return torch.randint(lo, hi, (batch,), device=device)
+
+    def model_timesteps(self, index):
+        return index
+
+    def importance_terms(self, index):
+        """The DDPM posterior of sdpo.timesteps (the general one equals it, see the tests), so that
+        SD1.5 and SDXL weights stay bitwise those of the closed forms."""
+        from sdpo.timesteps import posterior_coefficients, x0_error_scale
+
+        c0, _, var = posterior_coefficients(self.abar, index)
+        return c0, var, x0_error_scale(self.abar, index, self.prediction_type)
 
     def marginal(self, index):
         abar = self.abar.to(index.device)[index.long()]
@@ -110,14 +134,23 @@ class RectifiedFlow(GaussianProcess):
     def grid_size(self) -> int:
         return len(self.sigmas)
 
-    def draw(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Grid indices, drawn on the CPU (as diffusers' examples draw them)."""
+    def draw(self, batch: int, lo: int = 0, hi: int | None = None, device=None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Grid indices, drawn on the CPU (as diffusers' examples draw them), then moved to `device`.
+        u in [0, 1) gives the index floor(u * N) over the whole grid; within noise levels [lo, hi)
+        the density is stretched over the range: index N - hi + floor(u * (hi - lo))."""
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
+        n = self.grid_size()
+        hi = n if hi is None else hi
         u = compute_density_for_timestep_sampling(
             weighting_scheme=self.weighting, batch_size=batch, logit_mean=self.logit_mean, logit_std=self.logit_std,
             mode_scale=self.mode_scale, generator=generator)
-        return (u * self.num_train_timesteps).long().clamp(max=self.grid_size() - 1)
+        index = (n - hi) + (u * (hi - lo)).long().clamp(max=hi - lo - 1)
+        return index if device is None else index.to(device)
+
+    def index_at_level(self, level: int) -> int:
+        return self.grid_size() - 1 - level
 
     def model_timesteps(self, index):
         return self.timesteps.to(index.device)[index.long()]

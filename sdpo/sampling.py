@@ -1,6 +1,6 @@
 """Text-to-image sampling with the reference's evaluation protocol, over components already loaded.
 
-Euler discrete sampling; every prompt starts from the same noise, drawn from a generator seeded
+Euler discrete sampling (SD3: the flow-matching Euler scheduler of its pipeline); every prompt starts from the same noise, drawn from a generator seeded
 with `seed` for each prompt on the sampling device (so an image does not depend on the batch it is
 in); the negative branch is the encoded empty prompt; guidance is
 pred_cond + cfg * (pred_cond - pred_uncond); the VAE decodes in fp32.
@@ -27,26 +27,24 @@ def initial_noise(count: int, channels: int, height: int, width: int, scale: int
 @torch.no_grad()
 def sample(unet, vae, prompt_encoder, scheduler, prompts: list[str], height: int, width: int, steps: int,
            cfg: float, seed: int, dtype) -> list[Image.Image]:
-    """Images for `prompts`; the UNet and text encoders run in `dtype`, the VAE in its own (fp32)."""
+    """Images for `prompts`; the denoiser and text encoders run in `dtype`, the VAE in its own (fp32).
+    The prompt encoder's family says how the denoiser is called and how latents are normalised."""
+    family = prompt_encoder.family
     device = next(unet.parameters()).device
     n = len(prompts)
     cond = prompt_encoder(prompts, device, dtype, size=(height, width))
-    uncond = prompt_encoder([""], device, dtype, size=(height, width)).repeat(n)
-    both = {k: None if v is None else torch.cat([v, getattr(uncond, k)])
-            for k, v in vars(cond).items()}  # conditional first, then the empty prompt
-    kwargs = type(cond)(**both).unet_kwargs()
+    both = cond.cat(prompt_encoder([""], device, dtype, size=(height, width)).repeat(n))  # conditional first
     scheduler.set_timesteps(steps, device=device)
     latents = initial_noise(n, unet.config.in_channels, height, width, vae_scale_factor(vae), seed, device, dtype)
-    latents = latents * scheduler.init_noise_sigma
+    latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale_input = getattr(scheduler, "scale_model_input", lambda x, t: x)  # flow matching has no input scaling
     for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(latents, t).repeat(2, 1, 1, 1)
-        pred = unet(model_input, t, **kwargs).sample
+        model_input = scale_input(latents, t).repeat(2, 1, 1, 1)
+        pred = unet(**family.model_inputs(model_input, t, both)).sample
         pred_cond, pred_uncond = pred.chunk(2)
         guided = pred_cond + cfg * (pred_cond - pred_uncond)
         latents = scheduler.step(guided, t, latents).prev_sample
-    x = latents.float() / vae.config.scaling_factor
-    if getattr(vae.config, "shift_factor", None) is not None:
-        x = x + vae.config.shift_factor
+    x = family.denormalize(latents.float(), vae.config.scaling_factor, getattr(vae.config, "shift_factor", None))
     x = vae.decode(x.to(vae.dtype)).sample.float()
     x = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray((im * 255).round().astype("uint8")) for im in x]

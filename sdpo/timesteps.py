@@ -79,18 +79,24 @@ def log_importance_weights(
     prediction_type: str,
     noise: torch.Tensor,
 ) -> torch.Tensor:
-    """log w_t per sample, detached: the Gaussian log-ratio of p_theta over q at a posterior draw.
+    """log w_t per sample for DDPM at integer timesteps t (see log_weights)."""
+    c0, _, var = posterior_coefficients(alphas_cumprod, t)
+    return log_weights(model_pred, target, c0, var, x0_error_scale(alphas_cumprod, t, prediction_type), noise)
 
-    mu_p - mu_q = c0_t * (x0_hat - x0) = c0_t * k_t * (target - model_pred) =: delta, and with
-    x_{t-1} - mu_q = sqrt(var_t) * z this gives, exactly as the definition but without cancelling
+
+def log_weights(model_pred: torch.Tensor, target: torch.Tensor, c0: torch.Tensor, var: torch.Tensor, k: torch.Tensor,
+                noise: torch.Tensor) -> torch.Tensor:
+    """log w per sample, detached: the Gaussian log-ratio of p_theta over q at a posterior draw, for
+    any Gaussian noise process (sdpo.noise gives c0, var and k at the sampled grid points).
+
+    mu_p - mu_q = c0 * (x0_hat - x0) = c0 * k * (target - model_pred) =: delta, and with
+    x_s - mu_q = sqrt(var) * z this gives, exactly as the definition but without cancelling
     large terms,
-        log w = (2 * sqrt(var_t) * z . delta - ||delta||^2) / (2 * var_t * D)
+        log w = (2 * sqrt(var) * z . delta - ||delta||^2) / (2 * var * D)
     which is 0 (w = 1) when the model predicts its target exactly. `noise` is z, shaped like
     model_pred.
     """
     with torch.no_grad():
-        c0, _, var = posterior_coefficients(alphas_cumprod, t)
-        k = x0_error_scale(alphas_cumprod, t, prediction_type)
         dtype = torch.float64 if model_pred.dtype == torch.float64 else torch.float32
         shape = (-1,) + (1,) * (model_pred.ndim - 1)
         delta = (c0 * k).to(model_pred.device, dtype).view(shape) * (target.to(dtype) - model_pred.to(dtype))

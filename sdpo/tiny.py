@@ -6,7 +6,7 @@ The pipelines are the real diffusers/transformers classes saved in the hub layou
 so every loader the training code uses on a real model is exercised. Only the weights are tiny
 and random. The tokenizer is the real CLIP tokenizer, built from the BPE vocabulary open_clip ships.
 
-    python -m sdpo.tiny --out /tmp/tiny     # writes sd15/, sdxl/ and pickapic/ under /tmp/tiny
+    python -m sdpo.tiny --out /tmp/tiny     # writes sd15/, sdxl/, sd3/ and pickapic/ under /tmp/tiny
 """
 
 from __future__ import annotations
@@ -298,12 +298,15 @@ def build_tiny_pickapic(folder: str, num_rows: int = 64, seed: int = 0, tie_frac
 
 
 def build_all(out: str, num_rows: int = 64) -> dict[str, str]:
-    """Build (or reuse) the tiny SD1.5 and SDXL pipelines and the synthetic dataset under `out`."""
-    paths = {"sd15": os.path.join(out, "sd15"), "sdxl": os.path.join(out, "sdxl"), "data": os.path.join(out, "pickapic")}
+    """Build (or reuse) the tiny SD1.5, SDXL and SD3 pipelines and the synthetic dataset under `out`."""
+    paths = {name: os.path.join(out, name) for name in ("sd15", "sdxl", "sd3")}
+    paths["data"] = os.path.join(out, "pickapic")
     if not os.path.exists(os.path.join(paths["sd15"], "model_index.json")):
         build_tiny_pipeline(paths["sd15"], sdxl=False)
     if not os.path.exists(os.path.join(paths["sdxl"], "model_index.json")):
         build_tiny_pipeline(paths["sdxl"], sdxl=True)
+    if not os.path.exists(os.path.join(paths["sd3"], "model_index.json")):
+        build_tiny_sd3_pipeline(paths["sd3"])
     if not os.path.exists(os.path.join(paths["data"], "data")):
         build_tiny_pickapic(paths["data"], num_rows=num_rows)
     return paths
@@ -311,7 +314,7 @@ def build_all(out: str, num_rows: int = 64) -> dict[str, str]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder to write sd15/, sdxl/ and pickapic/ into")
+    parser.add_argument("--out", required=True, help="folder to write sd15/, sdxl/, sd3/ and pickapic/ into")
     parser.add_argument("--num_rows", type=int, default=64, help="rows of the synthetic dataset")
     args = parser.parse_args()
     for name, path in build_all(args.out, args.num_rows).items():

@@ -38,7 +38,7 @@ EMPTY = "is empty: give a value"
 
 ROWS = [
     # bench.py
-    ("bench.py", ["--arch", "sd3"], "argument --arch: invalid choice: 'sd3'"),
+    ("bench.py", ["--arch", "flux"], "argument --arch: invalid choice: 'flux'"),
     ("bench.py", ["--mode", "serve"], "argument --mode: invalid choice"),
     ("bench.py", ["--train_method", "ppo"], "argument --train_method: invalid choice"),
     ("bench.py", ["--mixed_precision", "fp8"], "argument --mixed_precision: invalid choice"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Shared by the launchers (sourced): the reference's common settings (a gradient-norm clip of 1.0 with
 # both optimizers, the reference's bf16 numerics), GPU detection, the effective batch, and
-# `accelerate launch train.py`. The caller sets SDXL (0/1), METHOD, BETA, MU, LR, BATCH, ACCUM and
+# `accelerate launch train.py`. The caller sets FAMILY (sd15, sdxl or sd3), METHOD, BETA, MU, LR, BATCH, ACCUM and
 # optionally ALPHA and LAUNCHER_FLAGS (an array: the LoRA launchers' own settings, after the common
 # ones); the user's extra flags ("$@") come last and override anything here.
 # ACCELERATE_CONFIG_FILE, when set, is the user's accelerate config (multi-node, FSDP, ...): it
@@ -11,16 +11,25 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 bash "$root/scripts/setup.sh"
 python="$root/.venv/bin/python"
 # A variable the environment leaves unset takes the default here; one set to "" is an error (below).
-if [ "$SDXL" = 1 ]; then
-  MODEL_NAME="${MODEL_NAME-stabilityai/stable-diffusion-xl-base-1.0}"
-  VAE_NAME="${VAE_NAME-madebyollin/sdxl-vae-fp16-fix}"
-  settings=(MODEL_NAME VAE_NAME)
-  arch=(--sdxl --resolution=1024 --pretrained_vae_model_name_or_path="$VAE_NAME" --gradient_checkpointing)
-else
-  MODEL_NAME="${MODEL_NAME-stable-diffusion-v1-5/stable-diffusion-v1-5}"
-  settings=(MODEL_NAME)
-  arch=(--resolution=512 --no-use_adafactor --no-gradient_checkpointing)
-fi
+# Per family: the base model, the resolution and the memory savers (Adafactor below).
+case "$FAMILY" in
+  sdxl)
+    MODEL_NAME="${MODEL_NAME-stabilityai/stable-diffusion-xl-base-1.0}"
+    VAE_NAME="${VAE_NAME-madebyollin/sdxl-vae-fp16-fix}"
+    settings=(MODEL_NAME VAE_NAME)
+    arch=(--sdxl --resolution=1024 --pretrained_vae_model_name_or_path="$VAE_NAME" --gradient_checkpointing)
+    big=1 ;;
+  sd3)  # the family is read from the pipeline's model_index.json: no flag names it
+    MODEL_NAME="${MODEL_NAME-stabilityai/stable-diffusion-3.5-medium}"
+    settings=(MODEL_NAME)
+    arch=(--resolution=1024 --gradient_checkpointing)
+    big=1 ;;
+  *)
+    MODEL_NAME="${MODEL_NAME-stable-diffusion-v1-5/stable-diffusion-v1-5}"
+    settings=(MODEL_NAME)
+    arch=(--resolution=512 --no-use_adafactor --no-gradient_checkpointing)
+    big=0 ;;
+esac
 # yuvalkirstain/pickapic_v2 has answered 404 on the hub since 2025: point DATASET_NAME at a local copy.
 DATASET_NAME="${DATASET_NAME-yuvalkirstain/pickapic_v2}"
 OUTPUT_DIR="${OUTPUT_DIR-outputs/$(basename "$0" .sh)}"
@@ -32,9 +41,9 @@ export "${settings[@]}"
 # distributed type (NO without a config).
 checked=$("$python" "$root/scripts/train/_check_env.py" "${settings[@]}")
 read -r NUM_GPUS PRECISION KIND <<< "$checked"
-# SDXL full fine-tunes use Adafactor (the reference's setting), except under FSDP, whose sharded
-# parameters transformers' Adafactor cannot update: AdamW there (its state is sharded too).
-if [ "$SDXL" = 1 ] && [ "${LORA-0}" != 1 ]; then
+# SDXL and SD3 full fine-tunes use Adafactor (the reference's SDXL setting), except under FSDP, whose
+# sharded parameters transformers' Adafactor cannot update: AdamW there (its state is sharded too).
+if [ "$big" = 1 ] && [ "${LORA-0}" != 1 ]; then
   if [ "$KIND" = FSDP ]; then
     echo "FSDP: AdamW instead of Adafactor (Adafactor cannot update sharded parameters)"
   else

@@ -10,7 +10,7 @@
 # The base with its adapters off is the reference: one UNet.
 # Environment: MODEL_NAME, VAE_NAME, DATASET_NAME, OUTPUT_DIR, NUM_GPUS, ACCELERATE_CONFIG_FILE. Extra
 # flags go to train.py and override these, e.g. --lora_rank=16 or --merge_lora.
-SDXL=1 LORA=1 BATCH=8 ACCUM=2 METHOD=diffusion-dpo BETA=5000 MU=0.6 ALPHA=0.0 LR=1e-5
+FAMILY=sdxl LORA=1 BATCH=8 ACCUM=2 METHOD=diffusion-dpo BETA=5000 MU=0.6 ALPHA=0.0 LR=1e-5
 LAUNCHER_FLAGS=(--use_lora --lora_rank=8 --use_8bit_adam --lr_scheduler=constant --lr_warmup_steps=0 --no-use_adafactor
                 --max_train_steps=2000 --checkpointing_steps=500)
 source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"

@@ -1,0 +1,364 @@
+"""Model families: what differs between SD1.5, SDXL and SD3/SD3.5, in one object each.
+
+A family owns everything about a pipeline that the training step and generation must not know:
+which pipeline folders it reads (the denoiser in `unet/` or `transformer/`, its tokenizers and
+text encoders), how a caption becomes the denoiser's keyword arguments, how latents are normalised
+(shift and scale), which noise process it was trained with, its defaults (resolution, VAE dtype,
+memory savers, sampling steps and guidance) and DSPO's form. The rest of the project asks the
+family; no other module tests which family it holds.
+
+- SD1.5 (`StableDiffusionPipeline`): a UNet, one CLIP text encoder (last hidden state), DDPM
+  with epsilon or v prediction, 512 px.
+- SDXL (`StableDiffusionXLPipeline`): a UNet, two CLIP encoders (penultimate hidden states
+  concatenated, the second's pooled embedding) and micro-conditioning time ids, DDPM, 1024 px.
+- SD3/SD3.5 (`StableDiffusion3Pipeline`): an MMDiT (`SD3Transformer2DModel`), two CLIP encoders
+  with projections and T5 (CLIP's penultimate states concatenated and zero-padded to T5's width,
+  then T5's states appended on the sequence axis; the pooled embeddings of both CLIPs
+  concatenated), or zeros where T5 is left out (`--no_t5`, as `text_encoder_3=None`), rectified
+  flow (sdpo/noise.py), latents shifted and scaled, 1024 px.
+
+A video family (Wan2.1, CogVideoX) is one more subclass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import torch
+
+from sdpo.conditioning import Conditioning
+from sdpo.errors import InputError, first_line
+
+
+class Family:
+    """SD1.5: the base of the families. Subclasses change what differs."""
+
+    name = "sd15"
+    label = "SD1.x"
+    pipeline_class = "StableDiffusionPipeline"
+    denoiser_folder = "unet"
+    denoiser_class_name = "UNet2DConditionModel"
+    denoiser_name = "UNet"
+    # (tokenizer folder, encoder folder, encoder class) per text encoder
+    text_parts = (("tokenizer", "text_encoder", "CLIPTextModel"),)
+    resolution = 512
+    memory_savers = False  # Adafactor and gradient checkpointing by default
+    dspo_form = "sd15"  # sdpo.losses.DSPO_FORMS
+    card_tag = "stable-diffusion"
+    default_pipeline = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    default_vae = None
+    sampling_steps, sampling_cfg = 50, 7.5  # the reference's protocol (cfg in its formula)
+    sampling_scheduler_name = "EulerDiscreteScheduler"
+    size_multiple = 8  # image sizes: the VAE's downsampling (SD3: times the transformer's patch size)
+    sigma_density = False  # --weighting_scheme and its flags apply (rectified flow)
+    pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    optional_t5 = False  # a T5 text encoder that --no_t5 leaves out
+    # Whether the denoiser computes the same bits for an image in any batch (eval.generate batches
+    # prompts only then; otherwise it samples one prompt at a time, so that no image depends on
+    # --batch_size).
+    batch_invariant = True
+
+    # ---- loading ----------------------------------------------------------------------------
+
+    def denoiser_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.denoiser_class_name)
+
+    def text_folders(self, no_t5: bool = False) -> list[tuple[str, str, str]]:
+        return list(self.text_parts)
+
+    def tokenizer_class(self, folder: str):
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer
+
+    def token_lengths(self, tokenizers, sampling: bool = False) -> list[int]:
+        """Tokens per caption for each tokenizer (padded or cut to it)."""
+        return [t.model_max_length for t in tokenizers]
+
+    def missing_context(self, denoiser_config, sampling: bool, num_encoders: int):
+        """The shape (tokens, width) of the zeros that stand for a text encoder left out; None: none is."""
+        return None
+
+    def vae_dtype(self, weight_dtype: torch.dtype, separate_vae: bool) -> torch.dtype:
+        """The VAE runs in the weight dtype."""
+        return weight_dtype
+
+    def noise_scheduler_class(self):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler
+
+    def noise_process(self, scheduler, args=None):
+        from sdpo.noise import DDPM
+
+        return DDPM(scheduler)
+
+    def sampling_scheduler_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.sampling_scheduler_name)
+
+    def sampling_scheduler(self, config):
+        """The scheduler that samples validation images, from the training scheduler's config."""
+        return self.sampling_scheduler_class().from_config(config)
+
+    # ---- conditioning -----------------------------------------------------------------------
+
+    def encode(self, encoders, ids, device, dtype, size, missing=None) -> Conditioning:
+        (encoder,) = encoders
+        hidden = encoder(ids[0]).last_hidden_state
+        return Conditioning(hidden if dtype is None else hidden.to(dtype))
+
+    def model_inputs(self, noisy, timesteps, cond: Conditioning) -> dict:
+        """The denoiser's keyword arguments."""
+        return {"sample": noisy, "timestep": timesteps, "encoder_hidden_states": cond.encoder_hidden_states}
+
+    # ---- latents ----------------------------------------------------------------------------
+
+    @staticmethod
+    def normalize(latents, scaling_factor: float, shift_factor: float | None):
+        """VAE latents as the denoiser sees them: (latents - shift) * scale (no shift where the VAE has none)."""
+        if shift_factor is not None:
+            latents = latents - shift_factor
+        return latents * scaling_factor
+
+    @staticmethod
+    def denormalize(latents, scaling_factor: float, shift_factor: float | None):
+        latents = latents / scaling_factor
+        return latents if shift_factor is None else latents + shift_factor
+
+    # ---- records ----------------------------------------------------------------------------
+
+    def with_image_time_ids(self, cond: Conditioning, time_ids: torch.Tensor) -> Conditioning:
+        """SDXL's --sdxl_true_time_ids: each image's own (B, k, 6) micro-conditioning, winners' rows
+        first; the other families have none."""
+        return cond
+
+    def cache_identity(self, no_t5: bool = False) -> dict:
+        """What the latent cache records about the family (SD1.5 and SDXL caches keep their old form)."""
+        return {"sdxl": False}
+
+
+class SDXL(Family):
+    name = "sdxl"
+    label = "SDXL"
+    pipeline_class = "StableDiffusionXLPipeline"
+    text_parts = (("tokenizer", "text_encoder", "CLIPTextModel"),
+                  ("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection"))
+    resolution = 1024
+    memory_savers = True  # the reference forces both on for SDXL; here they can be turned off
+    dspo_form = "sdxl"
+    card_tag = "stable-diffusion-xl"
+    default_pipeline = "stabilityai/stable-diffusion-xl-base-1.0"
+    default_vae = "madebyollin/sdxl-vae-fp16-fix"
+    pipeline_extras = {}
+
+    def vae_dtype(self, weight_dtype, separate_vae):
+        """SDXL's own VAE overflows in fp16 (NaN latents): fp32 then; a separate VAE (the fp16-fix
+        one) runs in fp16."""
+        if weight_dtype == torch.float16 and not separate_vae:
+            return torch.float32
+        return weight_dtype
+
+    def encode(self, encoders, ids, device, dtype, size, missing=None) -> Conditioning:
+        """Both encoders' penultimate hidden states, concatenated; the second's pooled embedding;
+        time ids (h, w, 0, 0, h, w), which the reference fixes for every image."""
+        hidden_states, pooled = [], None
+        for token_ids, encoder in zip(ids, encoders):
+            out = encoder(token_ids, output_hidden_states=True)
+            hidden_states.append(out.hidden_states[-2])
+            pooled = getattr(out, "text_embeds", None)
+        h, w = size
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=device).repeat(ids[0].shape[0], 1)
+        hidden = torch.cat(hidden_states, dim=-1)
+        dtype = dtype or hidden.dtype
+        return Conditioning(hidden.to(dtype), pooled.to(dtype), time_ids.to(dtype))
+
+    def model_inputs(self, noisy, timesteps, cond):
+        return {**super().model_inputs(noisy, timesteps, cond),
+                "added_cond_kwargs": {"text_embeds": cond.pooled, "time_ids": cond.time_ids}}
+
+    def with_image_time_ids(self, cond, time_ids):
+        cond.time_ids = time_ids.transpose(0, 1).reshape(-1, 6).to(cond.time_ids.device, cond.time_ids.dtype)
+        return cond
+
+    def cache_identity(self, no_t5=False):
+        return {"sdxl": True}
+
+
+class SD3(Family):
+    name = "sd3"
+    label = "SD3"
+    pipeline_class = "StableDiffusion3Pipeline"
+    denoiser_folder = "transformer"
+    denoiser_class_name = "SD3Transformer2DModel"
+    denoiser_name = "transformer"
+    text_parts = (("tokenizer", "text_encoder", "CLIPTextModelWithProjection"),
+                  ("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection"),
+                  ("tokenizer_3", "text_encoder_3", "T5EncoderModel"))
+    resolution = 1024
+    memory_savers = False
+    dspo_form = "sd15"  # the paper's form (r - beta s d)^2; the reference's SDXL switch is not carried over
+    card_tag = "stable-diffusion-3"
+    default_pipeline = "stabilityai/stable-diffusion-3.5-medium"
+    # The pipeline's defaults: 28 steps, guidance_scale 7.0 (cond + 6.0 (cond - uncond) here).
+    sampling_steps, sampling_cfg = 28, 6.0
+    sampling_scheduler_name = "FlowMatchEulerDiscreteScheduler"
+    size_multiple = 16  # the VAE's 8 x the transformer's patch size 2 (an odd latent would be cropped)
+    sigma_density = True
+    pipeline_extras = {}
+    optional_t5 = True
+    batch_invariant = False  # on a CPU its linear layers round differently at other batch sizes (1e-7)
+    T5_LENGTH = 77  # T5 tokens in training: diffusers' SD3 training examples' --max_sequence_length
+    T5_SAMPLING_LENGTH = 256  # and in sampling: StableDiffusion3Pipeline's max_sequence_length
+
+    def text_folders(self, no_t5=False):
+        return list(self.text_parts[:2] if no_t5 else self.text_parts)
+
+    def tokenizer_class(self, folder):
+        if folder == "tokenizer_3":
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer
+        return super().tokenizer_class(folder)
+
+    def token_lengths(self, tokenizers, sampling=False):
+        t5 = self.T5_SAMPLING_LENGTH if sampling else self.T5_LENGTH
+        return [t.model_max_length for t in tokenizers[:2]] + [t5] * len(tokenizers[2:])
+
+    def missing_context(self, denoiser_config, sampling, num_encoders):
+        if num_encoders != 2:  # T5 is there (or no encoder is: tokenizing only)
+            return None
+        return (self.T5_SAMPLING_LENGTH if sampling else self.T5_LENGTH), denoiser_config.joint_attention_dim
+
+    def noise_scheduler_class(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler
+
+    def vae_dtype(self, weight_dtype, separate_vae):
+        """SD3's VAE asks for fp32 under fp16 (force_upcast in its config), as SDXL's own."""
+        return torch.float32 if weight_dtype == torch.float16 else weight_dtype
+
+    def noise_process(self, scheduler, args=None):
+        from sdpo.noise import RectifiedFlow
+
+        check_static_shift(scheduler.config)
+        if args is None:
+            return RectifiedFlow(scheduler)
+        density = "uniform" if args.weighting_scheme == "none" else args.weighting_scheme
+        return RectifiedFlow(scheduler, density, args.logit_mean, args.logit_std, args.mode_scale)
+
+    def encode(self, encoders, ids, device, dtype, size, missing=None):
+        """As StableDiffusion3Pipeline.encode_prompt (no clip skip): the CLIPs' penultimate states
+        concatenated and zero-padded to T5's width, T5's last states appended on the sequence axis
+        (without T5, zeros of (B, T5 tokens, joint_attention_dim)); the CLIPs' pooled embeddings concatenated."""
+        clip_states, pooled = [], []
+        for token_ids, encoder in zip(ids[:2], encoders[:2]):
+            out = encoder(token_ids, output_hidden_states=True)
+            clip_states.append(out.hidden_states[-2])
+            pooled.append(out.text_embeds)
+        clip = torch.cat(clip_states, dim=-1)
+        if len(encoders) == 3:
+            t5 = encoders[2](ids[2])[0]
+        else:
+            t5 = torch.zeros(clip.shape[0], *missing, device=clip.device, dtype=clip.dtype)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        hidden, pooled = torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1)
+        dtype = dtype or hidden.dtype
+        return Conditioning(hidden.to(dtype), pooled.to(dtype))
+
+    def model_inputs(self, noisy, timesteps, cond):
+        if timesteps.ndim == 0:  # one timestep for the batch, as the pipeline expands it
+            timesteps = timesteps.expand(noisy.shape[0])
+        return {"hidden_states": noisy, "timestep": timesteps, "encoder_hidden_states": cond.encoder_hidden_states,
+                "pooled_projections": cond.pooled}
+
+    def cache_identity(self, no_t5=False):
+        return {"sdxl": False, "family": self.name, "no_t5": bool(no_t5)}
+
+
+def check_static_shift(config) -> None:
+    """A flow-matching scheduler must shift its sigmas by a fixed amount (SD3's `shift`): with
+    `use_dynamic_shifting` the shift depends on the image size, which neither the training grid
+    nor our sampling passes on."""
+    if config.get("use_dynamic_shifting", False):
+        raise ValueError("use_dynamic_shifting is set; this project trains and samples with a fixed shift "
+                         "(set use_dynamic_shifting false and shift in scheduler/scheduler_config.json)")
+
+
+FAMILIES = {f.name: f for f in (Family(), SDXL(), SD3())}
+SUPPORTED = "SD1.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline) and SD3/SD3.5 (StableDiffusion3Pipeline)"
+
+
+def get(name: str) -> Family:
+    return FAMILIES[name]
+
+
+def denoiser_folder_of(model) -> str:
+    """The pipeline folder of a denoiser (unet, transformer), by its class."""
+    name = type(model).__name__
+    return next(f.denoiser_folder for f in FAMILIES.values() if f.denoiser_class_name == name)
+
+
+def read_index(source: str, **hub) -> dict | None:
+    """A pipeline's model_index.json: from a local folder, or from the hub (None when it cannot be
+    read there: the loaders report that)."""
+    index = os.path.join(source, "model_index.json")
+    if os.path.isdir(source):
+        if not os.path.isfile(index):
+            return None
+        try:
+            with open(index) as f:
+                return json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise InputError(f"{index}: unreadable ({first_line(err)})") from None
+    if os.path.exists(source):
+        return None
+    try:
+        from diffusers import DiffusionPipeline
+
+        return dict(DiffusionPipeline.load_config(source, **{k: v for k, v in hub.items() if v is not None}))
+    except Exception:  # not on the hub, offline, no such revision: the loaders say which, later
+        return None
+
+
+def family_of_index(index: dict, source: str, flag: str) -> Family:
+    """The family of a pipeline by its parts: an SD3 transformer, or a UNet with one or two CLIP
+    encoders; anything else is refused, naming the families that are supported."""
+    part = lambda name: (index.get(name) or [None, None])[1]  # noqa: E731
+    if part("transformer") == SD3.denoiser_class_name:
+        return FAMILIES["sd3"]
+    if part("unet") == Family.denoiser_class_name:
+        return FAMILIES["sdxl" if part("text_encoder_2") else "sd15"]
+    denoiser = part("transformer") or part("unet") or "no denoiser"
+    raise InputError(f"{flag} {source} is a {index.get('_class_name', 'pipeline')} ({denoiser}): this project "
+                     f"trains {SUPPORTED}")
+
+
+def detect(source: str, flag: str = "--pretrained_model_name_or_path", **hub) -> Family | None:
+    """The family of a pipeline source, from its model_index.json; None where that cannot be read."""
+    index = read_index(source, **hub)
+    return None if index is None else family_of_index(index, source, flag)
+
+
+def resolve(source: str, sdxl: bool, flag: str = "--pretrained_model_name_or_path", strict: bool = True,
+            **hub) -> Family:
+    """The family of the base pipeline: read from its model_index.json, else SDXL with --sdxl and
+    SD1.5 without. strict: an index that names another family than --sdxl says is an error (one
+    line saying which flag to change); otherwise (while flags are parsed) the index wins."""
+    index = read_index(source, **hub)
+    if index is None:
+        return FAMILIES["sdxl" if sdxl else "sd15"]
+    try:
+        found = family_of_index(index, source, flag)
+    except InputError:
+        if strict:
+            raise
+        return FAMILIES["sdxl" if sdxl else "sd15"]
+    if strict and (found.name == "sdxl") != bool(sdxl):
+        raise InputError(f"{flag} {source} is an {found.label} pipeline: "
+                         f"{'add' if found.name == 'sdxl' else 'remove'} --sdxl")
+    return found
