@@ -244,6 +244,82 @@ def build_tiny_sd3_pipeline(folder: str, seed: int = 0) -> str:
     return folder
 
 
+def _tiny_t5_encoder(cls_name: str, vocab_size: int, d_model: int = 32):
+    """A tiny T5-family text encoder (T5EncoderModel or UMT5EncoderModel), random weights."""
+    import transformers
+
+    config_cls = transformers.UMT5Config if cls_name == "UMT5EncoderModel" else transformers.T5Config
+    config = config_cls(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return getattr(transformers, cls_name)(config)
+
+
+def build_tiny_wan_pipeline(folder: str, seed: int = 0) -> str:
+    """A tiny random Wan2.1-style text-to-video pipeline in the hub layout: WanTransformer3DModel,
+    a UMT5 encoder with a T5-style tokenizer built offline, AutoencoderKLWan (8x spatial, 4x
+    temporal compression, per-channel latent mean and std) and the UniPC flow-matching scheduler
+    the released pipeline ships (flow_shift 3). Loads with WanPipeline."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(seed)
+    source = os.path.join(folder, "_tokenizer_src")
+    write_t5_tokenizer(source, model_max_length=512)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32)
+    g = torch.Generator().manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True],
+                           latents_mean=(0.2 * torch.randn(4, generator=g)).tolist(),
+                           latents_std=(1.0 + 0.5 * torch.rand(4, generator=g)).tolist())
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        num_train_timesteps=1000)
+    WanPipeline(tokenizer=tokenizer, text_encoder=_tiny_t5_encoder("UMT5EncoderModel", len(tokenizer)), vae=vae,
+                scheduler=scheduler, transformer=transformer).save_pretrained(folder)
+    shutil.rmtree(source)
+    return folder
+
+
+def build_tiny_cogvideox_pipeline(folder: str, seed: int = 0) -> str:
+    """A tiny random CogVideoX-style text-to-video pipeline in the hub layout:
+    CogVideoXTransformer3DModel (v-prediction, with rotary embeddings as CogVideoX-5B), a T5 encoder
+    with a T5-style tokenizer built offline, AutoencoderKLCogVideoX (8x spatial, 4x temporal) and
+    CogVideoXDDIMScheduler (v-prediction, zero terminal SNR). Loads with CogVideoXPipeline."""
+    import shutil
+
+    import torch
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
+                           CogVideoXTransformer3DModel)
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(seed)
+    source = os.path.join(folder, "_tokenizer_src")
+    write_t5_tokenizer(source, model_max_length=226)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=32, num_layers=2, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=True)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4, scaling_factor=0.7)
+    scheduler = CogVideoXDDIMScheduler(prediction_type="v_prediction", beta_schedule="scaled_linear",
+                                       beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True,
+                                       snr_shift_scale=1.0, timestep_spacing="trailing", clip_sample=False,
+                                       set_alpha_to_one=True)
+    CogVideoXPipeline(tokenizer=tokenizer, text_encoder=_tiny_t5_encoder("T5EncoderModel", len(tokenizer)), vae=vae,
+                      transformer=transformer, scheduler=scheduler).save_pretrained(folder)
+    shutil.rmtree(source)
+    return folder
+
+
 # ---- the synthetic preference data -----------------------------------------------------------
 
 WORDS = ["a red", "a blue", "a green", "an old", "a shiny", "a tiny", "a giant", "a wooden"]
