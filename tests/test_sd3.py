@@ -386,3 +386,41 @@ def test_lora_on_sd3_trains_loads_into_the_pipeline_and_generates(tiny, tmp_path
                          "--device", "cpu", "--output_path", str(tmp_path / "gen-lora")])
     record = json.load(open(os.path.join(manifest[: -len(".json")], "generation.json")))
     assert record["model"]["lora_path"] and record["model"]["unet_path"] == "base"
+
+
+def test_fsdp_shards_sd3_per_mmdit_block_and_resumes_bitwise(tiny, tmp_path):
+    """scripts/accelerate/fsdp_sd3.yaml on two CPU processes (tests/fsdp_on_cpu.py, gloo): the
+    transformer is sharded per JointTransformerBlock (AdamW: Adafactor cannot update shards), the
+    checkpoints hold shards, the first loss is log 2, and a resume from step 2 is bitwise."""
+    import subprocess
+    import sys
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from conftest import ROOT
+
+    parsed = launch_command_parser().parse_args(
+        ["--config_file", os.path.join(ROOT, "scripts", "accelerate", "fsdp_sd3.yaml"), "--num_processes", "2",
+         "train.py"])
+    env = {k: v for k, v in prepare_multi_gpu_env(_validate_launch_command(parsed)[0]).items()
+           if k.startswith("FSDP_") or k == "ACCELERATE_USE_FSDP"}
+    assert env["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "JointTransformerBlock"
+
+    def run_two(out):
+        args = tiny_train_args(tiny["sd3"], tiny["data"], str(out), "--max_train_steps", "4", "--checkpointing_steps",
+                               "2", "--no-use_adafactor", "--use_winner_preserving", "--winner_preserving_mu", "0.5")
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                 os.path.join(ROOT, "tests", "fsdp_on_cpu.py"), *args], capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": ROOT, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+                                     **env}, timeout=600, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    run_two(tmp_path / "straight")
+    assert os.path.isfile(tmp_path / "straight" / "checkpoint-2" / "sharded" / ".metadata")
+    assert first_rows(tmp_path / "straight")[0]["loss"] == LOG_2
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    assert "resumed from" in run_two(tmp_path / "resumed").stderr
+    assert same_tensors(transformer_weights(tmp_path / "straight"), transformer_weights(tmp_path / "resumed"))
