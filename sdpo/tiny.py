@@ -373,6 +373,38 @@ def build_tiny_pickapic(folder: str, num_rows: int = 64, seed: int = 0, tie_frac
     return folder
 
 
+def build_tiny_video_pickapic(folder: str, num_rows: int = 16, seed: int = 0, frames: int = 12,
+                              size: tuple[int, int] = (40, 48), split: str = "train") -> str:
+    """A synthetic video preference split (the Pick-a-Pic layout with video_0 and video_1, mp4
+    bytes) as data/<split>-00000-of-00001.parquet. The preferred clip is a smooth gradient that
+    brightens over time; the other is the same clip with strong noise in every frame. Clip lengths
+    vary by a few frames per row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sdpo.video import encode_mp4
+
+    rng = np.random.default_rng(seed)
+    py_rng = random.Random(seed)
+    rows = {"caption": [], "video_0": [], "video_1": [], "label_0": []}
+    for _ in range(num_rows):
+        length = frames + py_rng.randint(0, 3)
+        base = _smooth_image(rng, size)
+        smooth = np.stack([base * (0.6 + 0.4 * t / length) for t in range(length)])
+        noisy = smooth + rng.normal(0, 60, smooth.shape)
+        clips = [np.clip(c, 0, 255).astype(np.uint8) for c in (smooth, noisy)]
+        good_first = py_rng.random() < 0.5
+        rows["caption"].append(f"{py_rng.choice(WORDS)} {py_rng.choice(THINGS)} {py_rng.choice(PLACES)}")
+        rows["video_0"].append(encode_mp4(clips[0] if good_first else clips[1]))
+        rows["video_1"].append(encode_mp4(clips[1] if good_first else clips[0]))
+        rows["label_0"].append(1.0 if good_first else 0.0)
+    table = pa.table({"caption": pa.array(rows["caption"], pa.string()), "video_0": pa.array(rows["video_0"], pa.binary()),
+                      "video_1": pa.array(rows["video_1"], pa.binary()), "label_0": pa.array(rows["label_0"], pa.float64())})
+    os.makedirs(os.path.join(folder, "data"), exist_ok=True)
+    pq.write_table(table, os.path.join(folder, "data", f"{split}-00000-of-00001.parquet"))
+    return folder
+
+
 def build_all(out: str, num_rows: int = 64) -> dict[str, str]:
     """Build (or reuse) the tiny SD1.5, SDXL and SD3 pipelines and the synthetic dataset under `out`."""
     paths = {name: os.path.join(out, name) for name in ("sd15", "sdxl", "sd3")}
