@@ -46,6 +46,7 @@ class PromptEncoder:
     def token_ids(self, captions: list[str]) -> list[torch.Tensor]:
         """The captions' token ids, one (N, max_length) tensor per tokenizer (what the latent cache
         stores)."""
+        captions = [self.family.clean_caption(c) for c in captions]
         return [tokenizer(captions, max_length=length, padding="max_length", truncation=True,
                           return_tensors="pt").input_ids for tokenizer, length in zip(self.tokenizers, self.token_lengths)]
 

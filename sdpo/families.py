@@ -73,6 +73,10 @@ class Family:
 
         return CLIPTokenizer
 
+    def clean_caption(self, text: str) -> str:
+        """A caption as the pipeline tokenizes it."""
+        return text
+
     def token_lengths(self, tokenizers, sampling: bool = False) -> list[int]:
         """Tokens per caption for each tokenizer (padded or cut to it)."""
         return [t.model_max_length for t in tokenizers]
@@ -278,6 +282,94 @@ class SD3(Family):
 
     def cache_identity(self, no_t5=False):
         return {"sdxl": False, "family": self.name, "no_t5": bool(no_t5)}
+
+
+class Wan21(Family):
+    """Wan2.1 text-to-video (`WanPipeline`): a video transformer in transformer/, one UMT5 encoder
+    whose states past each caption's tokens are zeros (as the pipeline's encode_prompt), latents
+    normalised per channel with the VAE's latents_mean and latents_std, rectified flow.
+    Not registered yet: video training lands with the video data (issue 15)."""
+
+    name = "wan21"
+    label = "Wan2.1"
+    pipeline_class = "WanPipeline"
+    denoiser_folder = "transformer"
+    denoiser_class_name = "WanTransformer3DModel"
+    denoiser_name = "transformer"
+    text_parts = (("tokenizer", "text_encoder", "UMT5EncoderModel"),)
+    resolution = 480
+    sampling_steps, sampling_cfg = 50, 4.0  # the pipeline's guidance_scale 5
+    sampling_scheduler_name = "UniPCMultistepScheduler"
+    TEXT_LENGTH = 512  # WanPipeline's max_sequence_length
+    pipeline_extras = {}
+
+    def tokenizer_class(self, folder):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer
+
+    def clean_caption(self, text: str) -> str:
+        """The pipeline's prompt_clean: ftfy, HTML entities, whitespace."""
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        return prompt_clean(text)
+
+    def token_lengths(self, tokenizers, sampling=False):
+        return [self.TEXT_LENGTH] * len(tokenizers)
+
+    def encode(self, encoders, ids, device, dtype, size, missing=None):
+        (encoder,) = encoders
+        mask = (ids[0] != 0).long()  # T5's pad id is 0, and padding is all that is 0
+        hidden = encoder(ids[0], mask).last_hidden_state * mask.unsqueeze(-1)
+        return Conditioning(hidden if dtype is None else hidden.to(dtype))
+
+    def model_inputs(self, noisy, timesteps, cond):
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(noisy.shape[0])
+        return {"hidden_states": noisy, "timestep": timesteps, "encoder_hidden_states": cond.encoder_hidden_states}
+
+    @staticmethod
+    def latent_norm(vae_config):
+        """(scale, shift) per channel, shaped to broadcast over (B, C, F, H, W) latents."""
+        mean = torch.tensor(vae_config.latents_mean).view(1, -1, 1, 1, 1)
+        return 1.0 / torch.tensor(vae_config.latents_std).view(1, -1, 1, 1, 1), mean
+
+
+class CogVideoX(Family):
+    """CogVideoX text-to-video (`CogVideoXPipeline`): a video transformer that takes latents frames
+    first, (B, F, C, H, W), one T5 encoder (226 tokens), latents scaled by the VAE's scaling_factor,
+    v-prediction DDPM. Not registered yet: video training lands with the video data (issue 15)."""
+
+    name = "cogvideox"
+    label = "CogVideoX"
+    pipeline_class = "CogVideoXPipeline"
+    denoiser_folder = "transformer"
+    denoiser_class_name = "CogVideoXTransformer3DModel"
+    denoiser_name = "transformer"
+    text_parts = (("tokenizer", "text_encoder", "T5EncoderModel"),)
+    resolution = 480
+    sampling_steps, sampling_cfg = 50, 5.0  # the pipeline's guidance_scale 6
+    sampling_scheduler_name = "CogVideoXDDIMScheduler"
+    TEXT_LENGTH = 226  # CogVideoXPipeline's max_sequence_length
+    pipeline_extras = {}
+
+    def tokenizer_class(self, folder):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer
+
+    def token_lengths(self, tokenizers, sampling=False):
+        return [self.TEXT_LENGTH] * len(tokenizers)
+
+    def encode(self, encoders, ids, device, dtype, size, missing=None):
+        (encoder,) = encoders
+        hidden = encoder(ids[0])[0]
+        return Conditioning(hidden if dtype is None else hidden.to(dtype))
+
+    @staticmethod
+    def to_frames_first(latents):
+        """VAE latents (B, C, F, H, W) as the transformer takes them, (B, F, C, H, W)."""
+        return latents.permute(0, 2, 1, 3, 4)
 
 
 def check_static_shift(config) -> None:
