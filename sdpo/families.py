@@ -284,7 +284,26 @@ class SD3(Family):
         return {"sdxl": False, "family": self.name, "no_t5": bool(no_t5)}
 
 
-class Wan21(Family):
+class VideoFamily(Family):
+    """What the video families share: a transformer in transformer/, one T5-family text encoder read
+    at the pipeline's text length, no pipeline extras."""
+
+    denoiser_folder = "transformer"
+    denoiser_name = "transformer"
+    resolution = 480
+    TEXT_LENGTH = 226
+    pipeline_extras = {}
+
+    def tokenizer_class(self, folder):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer
+
+    def token_lengths(self, tokenizers, sampling=False):
+        return [self.TEXT_LENGTH] * len(tokenizers)
+
+
+class Wan21(VideoFamily):
     """Wan2.1 text-to-video (`WanPipeline`): a video transformer in transformer/, one UMT5 encoder
     whose states past each caption's tokens are zeros (as the pipeline's encode_prompt), latents
     normalised per channel with the VAE's latents_mean and latents_std, rectified flow.
@@ -293,29 +312,17 @@ class Wan21(Family):
     name = "wan21"
     label = "Wan2.1"
     pipeline_class = "WanPipeline"
-    denoiser_folder = "transformer"
     denoiser_class_name = "WanTransformer3DModel"
-    denoiser_name = "transformer"
     text_parts = (("tokenizer", "text_encoder", "UMT5EncoderModel"),)
-    resolution = 480
     sampling_steps, sampling_cfg = 50, 4.0  # the pipeline's guidance_scale 5
     sampling_scheduler_name = "UniPCMultistepScheduler"
     TEXT_LENGTH = 512  # WanPipeline's max_sequence_length
-    pipeline_extras = {}
-
-    def tokenizer_class(self, folder):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer
 
     def clean_caption(self, text: str) -> str:
         """The pipeline's prompt_clean: ftfy, HTML entities, whitespace."""
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
         return prompt_clean(text)
-
-    def token_lengths(self, tokenizers, sampling=False):
-        return [self.TEXT_LENGTH] * len(tokenizers)
 
     def encode(self, encoders, ids, device, dtype, size, missing=None):
         (encoder,) = encoders
@@ -335,7 +342,7 @@ class Wan21(Family):
         return 1.0 / torch.tensor(vae_config.latents_std).view(1, -1, 1, 1, 1), mean
 
 
-class CogVideoX(Family):
+class CogVideoX(VideoFamily):
     """CogVideoX text-to-video (`CogVideoXPipeline`): a video transformer that takes latents frames
     first, (B, F, C, H, W), one T5 encoder (226 tokens), latents scaled by the VAE's scaling_factor,
     v-prediction DDPM. Not registered yet: video training lands with the video data (issue 15)."""
@@ -343,23 +350,11 @@ class CogVideoX(Family):
     name = "cogvideox"
     label = "CogVideoX"
     pipeline_class = "CogVideoXPipeline"
-    denoiser_folder = "transformer"
     denoiser_class_name = "CogVideoXTransformer3DModel"
-    denoiser_name = "transformer"
     text_parts = (("tokenizer", "text_encoder", "T5EncoderModel"),)
-    resolution = 480
     sampling_steps, sampling_cfg = 50, 5.0  # the pipeline's guidance_scale 6
     sampling_scheduler_name = "CogVideoXDDIMScheduler"
     TEXT_LENGTH = 226  # CogVideoXPipeline's max_sequence_length
-    pipeline_extras = {}
-
-    def tokenizer_class(self, folder):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer
-
-    def token_lengths(self, tokenizers, sampling=False):
-        return [self.TEXT_LENGTH] * len(tokenizers)
 
     def encode(self, encoders, ids, device, dtype, size, missing=None):
         (encoder,) = encoders
