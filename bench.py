@@ -1,8 +1,10 @@
-"""Time and count the training step and sampling on the real SD1.5 / SDXL / SD3.5-medium architectures.
+"""Time and count the training step and sampling on the real SD1.5 / SDXL / SD3.5-medium / Wan2.1-T2V-1.3B /
+CogVideoX-2B and -5B architectures.
 
     python bench.py --arch sd15 --resolution 64 --batch_size 1 --steps 2 --json out.json     # CPU
     python bench.py --arch sdxl --resolution 1024 --count_only                                # FLOPs only
     python bench.py --arch sd3 --resolution 1024 --count_only                                 # SD3.5-medium
+    python bench.py --arch wan21 --count_only                                                 # Wan2.1, 81 x 480x832
     python bench.py --arch sd15 --resolution 512 --batch_size 8 --mixed_precision bf16 \\
         --latent_cache --compile --compare reference-settings                               # a GPU
     python bench.py --arch sd15 --mode sample --resolution 512 --batch_size 16                # generation
@@ -55,7 +57,11 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 70.0, "A10":
                "L4": 121.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0}
 PAPER = {"sd15": dict(mu="0.9", adafactor=False, checkpointing=False),
          "sdxl": dict(mu="0.6", adafactor=True, checkpointing=True),
-         "sd3": dict(mu="0.6", adafactor=True, checkpointing=True)}  # scripts/train/sd3_*.sh
+         "sd3": dict(mu="0.6", adafactor=True, checkpointing=True),  # scripts/train/sd3_*.sh
+         # scripts/train/{wan21,cogvideox}_diffusion_dpo.sh
+         "wan21": dict(mu="0.6", adafactor=False, checkpointing=True),
+         "cogvideox": dict(mu="0.6", adafactor=False, checkpointing=True),
+         "cogvideox5b": dict(mu="0.6", adafactor=False, checkpointing=True)}
 # The optimizer's elementwise arithmetic, which FlopCounterMode does not count (it counts matrix
 # products, convolutions and attention), estimated per trainable parameter from the update rules:
 # AdamW: decoupled decay 1, first moment 3, second moment 4, sqrt(v)/c + eps 3, the update 3;
@@ -75,7 +81,11 @@ def parse_args(argv=None):
     p.add_argument("--arch", choices=architectures.ARCHITECTURES, default="sd15")
     p.add_argument("--pretrained", default=None, help="a local pipeline folder instead of random weights")
     p.add_argument("--mode", choices=["train", "sample", "loader"], default="train")
-    p.add_argument("--resolution", type=int, default=None, help="default 512 (SD1.5) or 1024 (SDXL)")
+    p.add_argument("--resolution", type=int, default=None, help="default 512 (SD1.5) or 1024 (SDXL, SD3)")
+    p.add_argument("--num_frames", type=int, default=None,
+                   help="video: frames per clip (default: the pipeline's, Wan2.1 81, CogVideoX 49)")
+    p.add_argument("--height", type=int, default=None, help="video: clip height (default 480)")
+    p.add_argument("--width", type=int, default=None, help="video: clip width (default: Wan2.1 832, CogVideoX 720)")
     p.add_argument("--batch_size", type=int, default=1, help="pairs per step (train), prompts per batch (sample)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (or sampling batches)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
@@ -103,8 +113,15 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
+    family = architectures.family(args.arch)
+    if family.video and args.resolution is not None:
+        raise InputError(f"--resolution: {family.label} clips are sized with --height and --width")
     if args.resolution is None:
-        args.resolution = architectures.family(args.arch).resolution
+        args.resolution = family.resolution
+    if family.video:
+        args.height = family.size[0] if args.height is None else args.height
+        args.width = family.size[1] if args.width is None else args.width
+        args.num_frames = family.num_frames if args.num_frames is None else args.num_frames
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.mixed_precision is None:
@@ -146,6 +163,25 @@ def check_args(args) -> None:
             raise InputError("--use_8bit_adam and Adafactor exclude each other (SDXL uses Adafactor by default: add "
                              "--no-use_adafactor)")
         train.import_bitsandbytes()
+    family = architectures.family(args.arch)
+    if family.video:
+        for flag in ("latent_cache", "compare"):
+            if getattr(args, flag):
+                raise InputError(f"--{flag} is not supported for video models ({family.label}) yet")
+        if args.mode == "loader":
+            raise InputError("--mode loader reads image pairs; video data loading is not benchmarked yet")
+        if args.mode == "sample" and not args.count_only:
+            raise InputError(f"--mode sample times the image sampler; for {family.label} count a video's FLOPs with "
+                             f"--count_only (eval.generate samples videos with the pipeline)")
+        for flag in ("height", "width"):
+            if getattr(args, flag) < 1 or getattr(args, flag) % family.size_multiple:
+                raise InputError(f"--{flag} {getattr(args, flag)}: {family.label} takes sizes that are multiples of "
+                                 f"{family.size_multiple}")
+        if args.num_frames < 1 or (args.num_frames - 1) % 4:
+            raise InputError(f"--num_frames {args.num_frames}: {family.label} clips have 4k + 1 frames")
+    elif any(v is not None for v in (args.num_frames, args.height, args.width)):
+        raise InputError(f"--num_frames, --height and --width are for video models; --arch {args.arch} is "
+                         f"{family.article} {family.label} (images: --resolution)")
     if args.compare and args.count_only:
         raise InputError("--compare reference-settings times both configurations: drop --count_only")
     device(args.device)
@@ -155,7 +191,8 @@ def check_args(args) -> None:
         models.check_source(args.pretrained, "--pretrained")
         found = families.detect(args.pretrained, "--pretrained")
         if found is not None and found.name != args.arch:
-            raise InputError(f"--pretrained {args.pretrained} is an {found.label} pipeline: pass --arch {found.name}")
+            raise InputError(f"--pretrained {args.pretrained} is {found.article} {found.label} pipeline: pass --arch "
+                             f"{found.name}")
     if args.mode == "sample":  # more steps than the schedule has timesteps only repeat them, for hours
         limit = scheduler_for(args).config.num_train_timesteps
         if args.sample_steps > limit:
@@ -168,8 +205,11 @@ def check_args(args) -> None:
 
 def train_args(args, *, latent_cache: bool, loss_precision: str, compile_: bool):
     """train.py's settings for a benchmark step, as the launchers set them."""
+    video = architectures.family(args.arch).video
+    size = ["--num_frames", str(args.num_frames), "--height", str(args.height), "--width", str(args.width)] if video \
+        else ["--resolution", str(args.resolution)]
     argv = ["--pretrained_model_name_or_path", args.pretrained or f"<{args.arch} random>", "--dataset_name", "<synthetic>",
-            "--output_dir", tempfile.mkdtemp(prefix="bench-"), "--resolution", str(args.resolution),
+            "--output_dir", tempfile.mkdtemp(prefix="bench-"), *size,
             "--train_batch_size", str(args.batch_size), "--train_method", args.train_method,
             "--mixed_precision", args.mixed_precision, "--loss_precision", loss_precision, "--report_to", "none",
             "--seed", "0", "--lr_warmup_steps", "0"]
@@ -187,7 +227,7 @@ def train_args(args, *, latent_cache: bool, loss_precision: str, compile_: bool)
         argv.append("--use_8bit_adam")
     if latent_cache:
         argv += ["--latent_cache", "<synthetic>"]
-    return train.Settings(train.parse_args(argv), model_family=args.arch)
+    return train.Settings(train.parse_args(argv), model_family=architectures.family(args.arch).name)
 
 
 def synthetic_batches(args, targs, tokenizers, latent_channels: int, latent_cache: bool, count: int = 2):
@@ -214,7 +254,9 @@ def synthetic_batches(args, targs, tokenizers, latent_channels: int, latent_cach
             batch.caption_ids = [torch.randint(0, min(len(t), 49406), (B, length), generator=g)
                                  for t, length in zip(tokenizers, family.token_lengths(tokenizers))]
         else:
-            batch.pixels = torch.rand(B, k, 3, args.resolution, args.resolution, generator=g) * 2 - 1
+            frames = (args.num_frames,) if family.video else ()  # clips: (B, k, F, 3, H, W)
+            height, width = (args.height, args.width) if family.video else (args.resolution, args.resolution)
+            batch.pixels = torch.rand(B, k, *frames, 3, height, width, generator=g) * 2 - 1
             batch.captions = [CAPTION] * B
         batches.append(batch.pin_memory() if pin else batch)
     return itertools.cycle(batches)
@@ -234,20 +276,24 @@ def build_run(args, parts, device: torch.device, *, latent_cache=False, loss_pre
                                                         total_steps),
                           noise=noise, timesteps=timesteps, dataloader=None, num_pairs=None,
                           validation_pairs=None, start_step=0, total_steps=total_steps, resume_path=None,
-                          latent_norm=(vae.config.scaling_factor, vae.config.shift_factor))
+                          latent_norm=architectures.family(args.arch).latent_norm(vae.config))
     if latent_cache:  # training from a cache loads no VAE
         parts = (*parts[:2], None, *parts[3:])
     run = train.setup(targs, accelerator, inputs, parts, device=device)
-    return run, synthetic_batches(args, targs, parts[0], vae.config.latent_channels, latent_cache)
+    return run, synthetic_batches(args, targs, parts[0], architectures.family(args.arch).latent_channels(vae.config),
+                                  latent_cache)
 
 
 def scheduler_for(args, cls=None):
     """The training noise schedule (or, as `cls`, another scheduler class) of --pretrained, or of
     the shipped --arch config."""
-    cls = cls or architectures.family(args.arch).noise_scheduler_class()
     if args.pretrained:
-        return models.load_scheduler(cls, args.pretrained, "--pretrained")
-    return cls.from_config(architectures.config(args.arch, "scheduler"))
+        config = models.scheduler_config(args.pretrained, "--pretrained")
+    else:
+        config = architectures.config(args.arch, "scheduler")
+    if cls is None:
+        return architectures.family(args.arch).training_scheduler(config)
+    return cls.from_config(config)
 
 
 def model_parts(args, device):
@@ -263,7 +309,7 @@ def model_parts(args, device):
         tokenizers, encoders, vae, unet = models.meta_pipeline(args.pretrained, family, "--pretrained")
     else:
         tokenizers, encoders = models.load_text_side(args.pretrained, family, "--pretrained")
-        vae = models.load_vae(args.pretrained, None, flag="--pretrained")
+        vae = models.load_vae(args.pretrained, None, flag="--pretrained", family=family)
         unet = models.load_unet("base", args.pretrained, base_flag="--pretrained", family=family)
     return tokenizers, encoders, vae, unet, copy.deepcopy(unet) if separate_reference else None
 
@@ -332,7 +378,7 @@ def count_flops(run, batches) -> dict:
     per_parameter = OPTIMIZER_FLOPS_PER_PARAMETER[type(optimizer).__name__] + GRAD_NORM_FLOPS_PER_PARAMETER
     parts = {"vae": sum(vae_flops),
              "text": sum(modules.get(name, 0) for name in ("CLIPTextModel", "CLIPTextModelWithProjection",
-                                                            "T5EncoderModel")),
+                                                            "T5EncoderModel", "UMT5EncoderModel")),
              "policy": modules.get(denoiser, 0) - sum(reference_in_unet),
              "reference": sum(reference_flops),
              "optimizer": optimizer_counter.get_total_flops() + per_parameter * trainable}
@@ -452,20 +498,30 @@ def sample_flops(args) -> int:
     meta = torch.device("meta")
     family = architectures.family(args.arch)
     tokenizers, encoders, vae, unet, _ = model_parts(argparse.Namespace(**{**vars(args), "train_method": "sft"}), meta)
-    n, size, c = args.batch_size, args.resolution // 8, vae.config.latent_channels
+    n, c = args.batch_size, family.latent_channels(vae.config)
+    latent = latent_size(args, family, vae.config)  # (h, w), or (frames, h, w) for a clip
     encode = PromptEncoder(family, tokenizers, encoders, args.resolution, unet.config, sampling=True)
     with FlopCounterMode(display=False) as counter:
         cond = encode([CAPTION] * n + [""], meta)
         both = type(cond)(**{k: None if v is None else torch.cat([v[:n], v[n:].expand(n, *v.shape[1:])])
                              for k, v in vars(cond).items()})
-        unet(**family.model_inputs(torch.zeros(2 * n, c, size, size, device=meta), torch.zeros((), device=meta), both))
+        # (the family's layout: CogVideoX's latents go frames first)
+        noisy = family.normalize(torch.zeros(2 * n, c, *latent, device=meta), 1.0, None)
+        unet(**family.model_inputs(noisy, torch.zeros((), device=meta), both, unet.config))
     per_step = counter.get_total_flops()
     with FlopCounterMode(display=False) as text_counter:
         encode([CAPTION] * n + [""], meta)
     with FlopCounterMode(display=False) as vae_counter:
-        vae.decode(torch.zeros(n, c, size, size, device=meta))
+        vae.decode(torch.zeros(n, c, *latent, device=meta))
     unet_flops = per_step - text_counter.get_total_flops()
     return text_counter.get_total_flops() + args.sample_steps * unet_flops + vae_counter.get_total_flops()
+
+
+def latent_size(args, family, vae_config) -> tuple[int, ...]:
+    """The VAE latents' spatial size (h, w), and for a clip its frames first: (frames, h, w)."""
+    if not family.video:
+        return args.resolution // 8, args.resolution // 8
+    return (args.num_frames - 1) // family.temporal_compression(vae_config) + 1, args.height // 8, args.width // 8
 
 
 def bench_sample(args) -> dict:

@@ -8,7 +8,9 @@ can rise with the loser's; with it, it should not) made visible. Then the same f
 flow-matching model (an SD3-style pipeline: MMDiT transformer, rectified flow, velocity target):
 Diffusion-DPO with and without the safeguard, plotted alike (safeguard_flow.png).
 
-It then generates with the base and a trained model, scores both with tiny random reward models,
+It plots the mean importance weight against the timestep (the importance-sampled DPO paper's
+central figure) for the trained SD1.5-style model, on dataset pairs and on its own samples
+(importance_weights.png). It then generates with the base and a trained model, scores both with tiny random reward models,
 and compares them (tables, a win-rate chart and an HTML page), exercising the evaluation harness.
 
 The models and the reward models are random and the data synthetic: the curves illustrate the
@@ -157,6 +159,7 @@ def main(argv=None):
     figure = os.path.join(args.out, "safeguard.png")
     plot(results, figure, args.steps, what="Tiny RANDOM SD1.5-style models")
     print(f"\nplot: {figure}")
+    importance_figure(args.out, base, paths["data"], os.path.join(args.out, "runs", "diffusion-dpo-safeguard"))
     if not args.no_flow:
         started = time.time()
         flow_base = warm_start(paths, args.out, args.warm_start_steps, args.seed, family="sd3")
@@ -169,6 +172,19 @@ def main(argv=None):
         print(f"plot: {figure}")
     print(f"runs (TensorBoard logs, metrics.jsonl, trained UNets): {os.path.join(args.out, 'runs')}")
     evaluate(args.out, base, os.path.join(args.out, "runs", "diffusion-dpo-safeguard"))
+
+
+def importance_figure(out, base, data, trained):
+    """The importance-sampled DPO paper's central figure on a trained tiny model: the mean importance
+    weight against the timestep, for data pairs and for the model's own samples."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import importance_weights
+
+    figure = os.path.join(out, "importance_weights.png")
+    print("\nmean importance weight by timestep (Diffusion-DPO with the safeguard, the tiny SD1.5-style model):")
+    importance_weights.main(["--pretrained_model_name_or_path", base, "--model", trained, "--dataset_name", data,
+                             "--resolution", "32", "--num_pairs", "8", "--levels", "10", "--sampling_steps", "20",
+                             "--device", "cpu", "--out", figure])
 
 
 def preference_runs(base, data, args, methods, prefix=""):

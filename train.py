@@ -94,7 +94,16 @@ def parse_args(argv=None):
     a("--streaming", action="store_true", help="stream the dataset instead of downloading it first")
     a("--max_train_samples", type=int, default=None, help="keep this many pairs (seeded shuffle, then the first N)")
     a("--resolution", type=int, default=None,
-      help="training resolution, a multiple of 8 (default 512, SDXL and SD3 1024)")
+      help="training resolution, a multiple of 8 (default 512, SDXL and SD3 1024; video models: --height, --width)")
+    a("--num_frames", type=int, default=None,
+      help="video families: frames per clip, 4k + 1 (default: the pipeline's, Wan2.1 81, CogVideoX 49); both clips "
+           "of a pair are read at the same frames")
+    a("--height", type=int, default=None, help="video families: the clips' height (default: the pipeline's, 480)")
+    a("--width", type=int, default=None,
+      help="video families: the clips' width (default: the pipeline's, Wan2.1 832, CogVideoX 720)")
+    a("--frame_window", default="random", choices=["random", "middle"],
+      help="video families: which --num_frames consecutive frames of a clip pair are read: a window drawn per pair "
+           "(random), or the middle one (what the latent cache stores)")
     a("--random_crop", action="store_true", help="random instead of center crop")
     a("--no_hflip", action="store_true", help="no random horizontal flips")
     a("--proportion_empty_prompts", type=float, default=0.2, help="probability that a caption is replaced by ''")
@@ -140,7 +149,8 @@ def parse_args(argv=None):
       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
       help="diffusers' learning-rate schedule")
     a("--lr_warmup_steps", type=int, default=500, help="warmup, in optimizer steps")
-    a("--use_adafactor", action=argparse.BooleanOptionalAction, default=None, help="Adafactor (default: on for SDXL)")
+    a("--use_adafactor", action=argparse.BooleanOptionalAction, default=None,
+      help="Adafactor (default: on for SDXL and the video models)")
     a("--use_8bit_adam", action="store_true",
       help="bitsandbytes' 8-bit AdamW: the optimizer's two moments in 8 bits (block-wise quantised)")
     a("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
@@ -153,7 +163,7 @@ def parse_args(argv=None):
       help="reference: the reference's bf16/fp16 casts (latents, noise, target and the reference UNet's losses in "
            "the weight dtype); fp32: latents, noise and every loss in fp32")
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
-      help="gradient checkpointing in the policy UNet (default: on for SDXL)")
+      help="gradient checkpointing in the policy UNet (default: on for SDXL and the video models)")
     a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
       help="default: what accelerate launch was given (its --mixed_precision or `accelerate config`), else no. "
            "fp16 falls back to 'no' on CPU; bf16 runs on CPU under CPU autocast")
@@ -207,8 +217,14 @@ def parse_args(argv=None):
     family = families.resolve(args.pretrained_model_name_or_path, args.sdxl, strict=False, revision=args.revision,
                               cache_dir=args.cache_dir)
     args.model_family = family.name
+    if family.video and args.resolution is not None:
+        raise InputError(f"--resolution: {family.label} clips are sized with --height and --width")
     if args.resolution is None:
         args.resolution = family.resolution
+    if family.video:  # the pipeline's clip size and length, where not given
+        args.height = family.size[0] if args.height is None else args.height
+        args.width = family.size[1] if args.width is None else args.width
+        args.num_frames = family.num_frames if args.num_frames is None else args.num_frames
     for flag in ("use_adafactor", "gradient_checkpointing"):
         if getattr(args, flag) is None:
             setattr(args, flag, family.memory_savers)  # the reference forces both on for SDXL; here they can be off
@@ -272,7 +288,8 @@ def check_settings(args):
     check(0.0 <= args.lora_dropout < 1.0, f"--lora_dropout must lie in [0, 1), got {args.lora_dropout}")
     check(not (args.merge_lora and not args.use_lora), "--merge_lora needs --use_lora")
     check(not (args.use_8bit_adam and args.use_adafactor),
-          "--use_8bit_adam and Adafactor exclude each other (SDXL uses Adafactor by default: add --no-use_adafactor)")
+          "--use_8bit_adam and Adafactor exclude each other (SDXL and the video models use Adafactor by default: add "
+          "--no-use_adafactor)")
     if args.use_8bit_adam:
         import_bitsandbytes()
     check(not (args.hub_model_id and not args.push_to_hub), "--hub_model_id needs --push_to_hub")
@@ -320,10 +337,27 @@ def check_settings(args):
     # Paths.
     family = models.check_base(args.pretrained_model_name_or_path, args.sdxl, revision=args.revision,
                                cache_dir=args.cache_dir)
-    check(not (args.no_t5 and not family.optional_t5), f"--no_t5: {args.pretrained_model_name_or_path} is an "
-                                                       f"{family.label} pipeline, which has no T5 encoder")
+    check(not (args.no_t5 and not family.optional_t5), f"--no_t5: {args.pretrained_model_name_or_path} is "
+                                                       f"{family.article} {family.label} pipeline, which has no T5 encoder")
     check(args.resolution % family.size_multiple == 0,
           f"--resolution {args.resolution}: {family.label} takes sizes that are multiples of {family.size_multiple}")
+    if family.video:
+        for flag in ("height", "width"):
+            value = getattr(args, flag)
+            check(value > 0 and value % family.size_multiple == 0,
+                  f"--{flag} {value}: {family.label} takes sizes that are multiples of {family.size_multiple}")
+        check(not (args.latent_cache and args.frame_window != "middle"),
+              "--latent_cache holds the middle window of each clip: add --frame_window middle")
+        for flag, used in (("--random_crop", args.random_crop), ("--choice_model", args.choice_model),
+                           ("--validation_prompts", args.validation_prompts and args.num_validation_images)):
+            check(not used, f"{flag} is not supported for video models yet ({family.label}): leave it out (videos "
+                            f"are sampled with eval.generate)")
+    else:
+        for flag in ("num_frames", "height", "width"):
+            check(getattr(args, flag) is None, f"--{flag} is for video models; {args.pretrained_model_name_or_path} "
+                                               f"is {family.article} {family.label} pipeline (images: --resolution)")
+        check(args.frame_window == "random", f"--frame_window is for video models; {args.pretrained_model_name_or_path} "
+                                             f"is {family.article} {family.label} pipeline")
     if not family.sigma_density:  # the flow-matching flags would be ignored without a word
         for flag, default in (("weighting_scheme", "logit_normal"), ("logit_mean", 0.0), ("logit_std", 1.0),
                               ("mode_scale", 1.29)):
@@ -369,7 +403,7 @@ def load_models(args):
     tokenizers, text_encoders = models.load_text_side(base, family, no_t5=args.no_t5, **hub)
     vae = None
     if not args.latent_cache or (args.validation_prompts and args.num_validation_images):
-        vae = models.load_vae(base, args.pretrained_vae_model_name_or_path, **hub)
+        vae = models.load_vae(base, args.pretrained_vae_model_name_or_path, family=family, **hub)
     unet = models.load_unet(models.policy_source(args), base, "--unet_init", family=family, **hub)
     ref_unet, role = None, models.reference_role(args)
     if role == "copy":  # the reference starts where the policy starts: copy, don't load twice
@@ -404,7 +438,7 @@ class MicroBatchLoss:
     An optimizer step (train_step) accumulates it over --gradient_accumulation_steps micro-batches."""
 
     def __init__(self, args, accelerator, unet, reference, vae, prompt_encoder, noise, weight_dtype,
-                 timesteps: tuple[int, int], latent_norm: tuple[float, float | None], device=None):
+                 timesteps: tuple[int, int], latent_norm: tuple, device=None):
         self.args, self.accelerator = args, accelerator
         # reference: what predicts for the reference (sdpo.lora.FrozenReference or AdaptersOff), None for sft
         self.unet, self.reference, self.vae = unet, reference, vae
@@ -420,7 +454,8 @@ class MicroBatchLoss:
         self.reference_numerics = args.loss_precision == "reference"
         self.latent_dtype = weight_dtype if self.reference_numerics else torch.float32
         self.device = device or accelerator.device  # the benchmark counts FLOPs on the meta device
-        self.scaling_factor, self.shift_factor = latent_norm
+        self.latent_norm = latent_norm  # (scale, shift): numbers, or per-channel tensors (Wan2.1)
+        self.denoiser_config = prompt_encoder.denoiser_config
 
     def posterior(self, batch: PairBatch):
         """The VAE's posterior (mean, std) over the kB latents of a batch, winners first: encoded
@@ -431,7 +466,7 @@ class MicroBatchLoss:
         if batch.latent_mean is not None:
             return winners_first(batch.latent_mean), winners_first(batch.latent_std)
         with torch.no_grad():
-            dist = self.vae.encode(winners_first(batch.pixels).to(self.vae.dtype)).latent_dist
+            dist = self.vae.encode(self.family.vae_input(winners_first(batch.pixels)).to(self.vae.dtype)).latent_dist
         return dist.mean, dist.std
 
     def sample_latents(self, mean, std):
@@ -443,7 +478,7 @@ class MicroBatchLoss:
         # Contiguous whatever the VAE's output layout, so that the denoiser sees the same memory
         # layout (and so computes the same bits) from the images and from the latent cache.
         latents = latents.to(self.latent_dtype)
-        return self.family.normalize(latents, self.scaling_factor, self.shift_factor).contiguous()
+        return self.family.normalize(latents, *self.latent_norm).contiguous()
 
     def predict(self, latents, noise, t, batch: PairBatch, with_grad=True):
         """(model_pred, ref_pred or None, target) for a batch's kB latents, noise and grid indices t."""
@@ -455,7 +490,7 @@ class MicroBatchLoss:
         cond = self.prompt_encoder(batch.captions, device, self.weight_dtype, ids=batch.caption_ids).repeat(k)
         if args.sdxl_true_time_ids:  # each image's own SDXL micro-conditioning
             cond = self.family.with_image_time_ids(cond, batch.time_ids)
-        inputs = self.family.model_inputs(noisy, self.noise.model_timesteps(t), cond)
+        inputs = self.family.model_inputs(noisy, self.noise.model_timesteps(t), cond, self.denoiser_config)
         with torch.set_grad_enabled(with_grad), self.accelerator.autocast():
             model_pred = self.unet(**inputs).sample
         ref_pred = None
@@ -555,6 +590,7 @@ class Validation:
             # Per pair: its images' posterior noise, then one noise tensor per timestep.
             posterior_noise = torch.stack([torch.randn((k, *shape), generator=g) for g in draws], dim=1)
             latents = micro.scale_latents(mean + std * posterior_noise.reshape(B * k, *shape).to(device, mean.dtype))
+            shape = latents.shape[1:]  # (CogVideoX's are frames first)
             for t_value in self.timesteps:
                 noise = torch.stack([torch.randn(shape, generator=g) for g in draws]).to(device, latents.dtype)
                 noise = noise.repeat(k, *([1] * (noise.ndim - 1)))
@@ -645,6 +681,14 @@ def check_models(args, noise) -> tuple[int, int]:
     if args.use_lora:
         lora.check_targets(models.base_unet_shapes(args.pretrained_model_name_or_path, family=family, **hub),
                            args.lora_target_modules)
+    if family.video:
+        vae_config = models.vae_config(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path,
+                                       family, **hub)
+        denoiser = models.base_unet_shapes(args.pretrained_model_name_or_path, family=family, **hub)
+        try:
+            family.check_num_frames(args.num_frames, vae_config, denoiser.config)
+        except ValueError as err:
+            raise InputError(f"--num_frames {args.num_frames}: {err}") from None
     num_train_timesteps = noise.grid_size()
     try:
         lo, hi = timestep_range(args.timestep_weighting, args.timestep_range, num_train_timesteps)
@@ -675,10 +719,10 @@ def open_latent_cache(args, mixed_precision: str):
 def load_noise(args):
     """The family's noise process, on the base pipeline's training scheduler."""
     family = families.get(args.model_family)
-    scheduler = models.load_scheduler(family.noise_scheduler_class(), args.pretrained_model_name_or_path,
-                                      revision=args.revision, cache_dir=args.cache_dir)
+    config = models.scheduler_config(args.pretrained_model_name_or_path, revision=args.revision,
+                                     cache_dir=args.cache_dir)
     try:
-        return family.noise_process(scheduler, args)
+        return family.noise_process(family.training_scheduler(config), args)
     except ValueError as err:  # a prediction type we do not train
         raise InputError(f"--pretrained_model_name_or_path: its scheduler: {err}") from None
 
@@ -696,7 +740,7 @@ class Inputs:
     start_step: int
     total_steps: int
     resume_path: str | None
-    latent_norm: tuple | None = None  # the VAE's (scaling, shift), read from the latent cache when there is one
+    latent_norm: tuple | None = None  # the VAE's (scale, shift), read from the latent cache when there is one
 
 
 def prepare_inputs(args: Settings, num_processes: int, rank: int, mixed_precision: str, resume_path: str | None,
@@ -715,7 +759,7 @@ def prepare_inputs(args: Settings, num_processes: int, rank: int, mixed_precisio
     config = checkpoints.run_config(args, num_processes, mixed_precision, timesteps, resume_path, total_steps)
     checkpoints.check_resumable(resume_path, resume_state, config)
     return Inputs(config, noise, timesteps, dataloader, num_pairs, validation_pairs, start_step, total_steps,
-                  resume_path, (cache.scaling_factor, cache.shift_factor) if cache else None)
+                  resume_path, cache.latent_norm if cache else None)
 
 
 def check_only(args, mixed_precision: str) -> None:
@@ -790,9 +834,9 @@ def setup(args: Settings, accelerator, inputs: Inputs, parts=None, device=None) 
     tokenizers, text_encoders, vae, unet, ref_unet = parts or load_models(args)
     for frozen in [*text_encoders, vae, ref_unet]:
         if frozen is not None:
-            frozen.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+            models.cast_frozen(frozen.requires_grad_(False).eval(), weight_dtype).to(device)
     if args.use_lora:
-        unet.to(device, dtype=weight_dtype)
+        models.cast_frozen(unet, weight_dtype).to(device)
         lora.add_adapters(unet, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     if ref_unet is not None:
         reference = lora.FrozenReference(ref_unet)
@@ -827,7 +871,7 @@ def setup(args: Settings, accelerator, inputs: Inputs, parts=None, device=None) 
     if inputs.resume_path:
         checkpoints.load_checkpoint(inputs.resume_path, accelerator, unet, optimizer, lr_scheduler)
         logger.info("resumed from %s at step %d", inputs.resume_path, inputs.start_step)
-    latent_norm = inputs.latent_norm or (vae.config.scaling_factor, getattr(vae.config, "shift_factor", None))
+    latent_norm = inputs.latent_norm or family.latent_norm(vae.config)
     compute_loss = MicroBatchLoss(args, accelerator, unet, reference, vae, prompt_encoder, inputs.noise,
                                   weight_dtype, inputs.timesteps, latent_norm, device)
     validation = None

@@ -69,12 +69,51 @@ from sdpo.errors import InputError, reports_input_errors
 
 RECORD_NAME = "generation.json"
 PROTOCOL_VERSION = 1  # bump when the sampling code changes what images it makes
-IMAGE_NAME = re.compile(r"(\d+)_(\d+)x(\d+)\.png")
+IMAGE_NAME = re.compile(r"(\d+)_(\d+)x(\d+)\.(png|mp4)")
+FRAME_NAMES = ("first", "middle", "last")  # a video's frames saved as PNG beside it
 
 
-def run_name(test_json: str, seed: int, height: int, width: int, steps: int, cfg: float) -> str:
+def run_name(test_json: str, seed: int, height: int, width: int, steps: int, cfg: float,
+             num_frames: int | None = None) -> str:
     suite = os.path.basename(test_json).split(".")[0]
-    return f"{suite}_seed{seed}_{height}x{width}_{steps}s_{cfg}cfg"
+    frames = f"_{num_frames}f" if num_frames else ""
+    return f"{suite}_seed{seed}_{height}x{width}{frames}_{steps}s_{cfg}cfg"
+
+
+def output_name(index: int, height: int, width: int, video: bool) -> str:
+    return f"{index}_{height}x{width}.{'mp4' if video else 'png'}"
+
+
+def frame_paths(video_path: str) -> list[str]:
+    """The PNGs of a video's first, middle and last frames: <index>_<H>x<W>_<which>.png."""
+    stem = video_path.removesuffix(".mp4")
+    return [f"{stem}_{which}.png" for which in FRAME_NAMES]
+
+
+def save_video_atomic(frames, prompt: str, path: str, fps: int) -> None:
+    """A video as an mp4 (H.264) and its first, middle and last frames as PNG; the frames first, the
+    mp4 last, each renamed into place, so a complete mp4 means a complete set."""
+    from sdpo.video import encode_mp4
+
+    for which, frame_path in zip((0, len(frames) // 2, len(frames) - 1), frame_paths(path)):
+        save_png_atomic(Image.fromarray(frames[which]), prompt, frame_path)
+    data = encode_mp4(frames, fps=fps)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def is_complete(path: str) -> bool:
+    """An image that opens, or a video that decodes with its frame PNGs beside it."""
+    if not path.endswith(".mp4"):
+        return is_complete_png(path)
+    from sdpo.video import UnreadableVideo, read_frames
+
+    try:
+        read_frames(path)
+    except UnreadableVideo:
+        return False
+    return all(is_complete_png(p) for p in frame_paths(path))
 
 
 def save_png_atomic(image: Image.Image, prompt: str, path: str) -> None:
@@ -144,10 +183,13 @@ def model_identity(args) -> dict:
 
 
 def protocol(args) -> dict:
-    scheduler = families.get(args.model_family).sampling_scheduler_name
-    return {"version": PROTOCOL_VERSION, "scheduler": scheduler, "seed": args.seed, "steps": args.steps,
-            "cfg": args.cfg, "height": args.height, "width": args.width, "dtype": args.dtype,
-            "device": torch.device(args.device).type}
+    family = families.get(args.model_family)
+    record = {"version": PROTOCOL_VERSION, "scheduler": family.sampling_scheduler_name, "seed": args.seed,
+              "steps": args.steps, "cfg": args.cfg, "height": args.height, "width": args.width, "dtype": args.dtype,
+              "device": torch.device(args.device).type}
+    if family.video:  # (absent for images: their records stay valid)
+        record.update(num_frames=args.num_frames, fps=family.fps)
+    return record
 
 
 def read_record(path: str) -> tuple[dict | None, str | None]:
@@ -181,18 +223,44 @@ class Generator:
         self.unet = models.load_unet(unet_spec, base, "--unet_path", base_flag=flag, family=family)
         if lora_path:
             lora.load_diffusers_lora(self.unet, lora_path, prefix=family.denoiser_folder, name=family.denoiser_name)
-        self.unet.to(self.device, dtype).eval()
-        self.vae = models.load_vae(base, vae_path, "--vae_path", flag).to(self.device, torch.float32).eval()
+        models.cast_frozen(self.unet, dtype).to(self.device).eval()
+        self.vae = models.load_vae(base, vae_path, "--vae_path", flag, family=family).to(self.device, torch.float32).eval()
         tokenizers, encoders = models.load_text_side(base, family, flag, no_t5=no_t5)
         for encoder in encoders:
             encoder.to(self.device, dtype).eval()
         self.prompt_encoder = PromptEncoder(family, tokenizers, encoders, 0, self.unet.config, sampling=True)
         self.batches = family.batch_invariant
+        self.pipeline = None
+        if family.video:  # sampled by the pipeline itself, over the parts loaded here
+            import diffusers
 
-    def __call__(self, prompts: list[str], height: int, width: int, steps: int, cfg: float, seed: int):
+            # The VAE decodes in fp32 (the protocol); CogVideoXPipeline hands it latents in the
+            # transformer's dtype without a cast (WanPipeline casts), so the cast is made here.
+            decode, vae = self.vae.decode, self.vae
+            vae.decode = lambda latents, *args, **kwargs: decode(latents.to(vae.dtype), *args, **kwargs)
+            self.pipeline = getattr(diffusers, family.pipeline_class)(
+                tokenizer=tokenizers[0], text_encoder=encoders[0], vae=self.vae, transformer=self.unet,
+                scheduler=self.scheduler)
+            self.pipeline.set_progress_bar_config(disable=True)
+
+    def __call__(self, prompts: list[str], height: int, width: int, steps: int, cfg: float, seed: int,
+                 num_frames: int | None = None):
+        if self.pipeline is not None:
+            return [self.video(p, height, width, num_frames, steps, cfg, seed) for p in prompts]
         groups = [prompts] if self.batches else [[p] for p in prompts]  # see Family.batch_invariant
         return [image for group in groups for image in sample(self.unet, self.vae, self.prompt_encoder, self.scheduler,
                                                               group, height, width, steps, cfg, seed, self.dtype)]
+
+    @torch.no_grad()
+    def video(self, prompt: str, height: int, width: int, num_frames: int, steps: int, cfg: float, seed: int):
+        """One video as (F, H, W, 3) uint8 frames: the pipeline's sampling with its scheduler, the
+        empty negative prompt, guidance_scale = cfg + 1 (our formula, see above), and noise from a
+        generator seeded with the seed on the sampling device, for every prompt."""
+        generator = torch.Generator(self.device).manual_seed(seed)
+        frames = self.pipeline(prompt=prompt, negative_prompt="", height=height, width=width, num_frames=num_frames,
+                               num_inference_steps=steps, guidance_scale=cfg + 1.0, generator=generator,
+                               output_type="np").frames[0]
+        return (frames * 255).round().clip(0, 255).astype("uint8")
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -216,7 +284,7 @@ def check_args(args) -> None:
         args.dtype = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
     family = models.check_base(args.pretrain_path, args.sdxl, "--pretrain_path")
     checks.check(not (args.no_t5 and not family.optional_t5),
-                 f"--no_t5: {args.pretrain_path} is an {family.label} pipeline, which has no T5 encoder")
+                 f"--no_t5: {args.pretrain_path} is {family.article} {family.label} pipeline, which has no T5 encoder")
     if args.lora_path is None and lora.is_lora_folder(args.unet_path) and not models.unet_folder(args.unet_path, family):
         args.unet_path, args.lora_path = "base", args.unet_path  # a LoRA folder given where a checkpoint goes
     if args.lora_path is not None:
@@ -238,7 +306,18 @@ def check_args(args) -> None:
     if args.output_path is None:
         args.output_path = default_output_path(args)
     check_output_dir(args.output_path, "--output_path")
-    name = run_name(args.test_json, args.seed, args.height, args.width, args.steps, args.cfg)
+    if family.video:
+        checks.at_least_one(args.num_frames, "--num_frames")
+        try:
+            family.check_num_frames(args.num_frames, models.vae_config(args.pretrain_path, args.vae_path, family,
+                                                                         "--pretrain_path", "--vae_path"),
+                                    models.base_unet_shapes(args.pretrain_path, "--pretrain_path", family).config)
+        except ValueError as err:
+            raise InputError(f"--num_frames {args.num_frames}: {err}") from None
+    else:
+        checks.check(args.num_frames is None, f"--num_frames is for video models; {args.pretrain_path} is "
+                                              f"{family.article} {family.label} pipeline")
+    name = run_name(args.test_json, args.seed, args.height, args.width, args.steps, args.cfg, args.num_frames)
     args.image_dir = check_output_dir(os.path.join(args.output_path, name), "--output_path")
 
 
@@ -316,19 +395,21 @@ def generate(args, loaded: dict | None = None) -> str:
             reason = f"its images were made by another model or protocol ({diff})"
         else:
             vouched = dict(old["images"])
+    video = families.get(args.model_family).video
+    extension = "mp4" if video else "png"
     present = {m.group(1) for m in map(IMAGE_NAME.fullmatch, os.listdir(image_dir))
-               if m and (int(m.group(2)), int(m.group(3))) == (args.height, args.width)}
+               if m and (int(m.group(2)), int(m.group(3)), m.group(4)) == (args.height, args.width, extension)}
     if old is None and reason is None and present:
         reason = f"it has images but no {RECORD_NAME} saying what made them"
     manifest, todo, changed = [], [], 0
     for index, entry in enumerate(suite):
-        path = os.path.join(image_dir, f"{index}_{args.height}x{args.width}.png")
+        path = os.path.join(image_dir, output_name(index, args.height, args.width, video))
         manifest.append({"prompt": entry["prompt"], "gen_image_path": path,
                          "raw_image_path": entry.get("raw_image_path", ""), "metadata": entry.get("metadata", {})})
         made_for = vouched.pop(str(index), None)
         if made_for is not None and made_for != entry["prompt"]:
             changed += 1
-        if made_for != entry["prompt"] or not is_complete_png(path):
+        if made_for != entry["prompt"] or not is_complete(path):
             todo.append(index)
     # Kept: the images of this run that the record vouches for, and those of earlier, longer runs
     # (beyond this run's prompts) that it vouches for. Every other image file goes now, so the
@@ -346,7 +427,7 @@ def generate(args, loaded: dict | None = None) -> str:
             loaded.clear()  # one set of models in memory at a time
             loaded[key] = Generator(*key)
         generator = loaded[key]
-        scale = vae_scale_factor(generator.vae)
+        scale = 8 if video else vae_scale_factor(generator.vae)  # (the video VAEs' spatial factor is 8)
         for flag, size in (("--height", args.height), ("--width", args.width)):
             checks.check(size % scale == 0, f"{flag} {size}: not a multiple of this VAE's downsampling factor {scale}")
     if reason or changed:
@@ -354,15 +435,22 @@ def generate(args, loaded: dict | None = None) -> str:
         print(f"{image_dir}: {why}; generating {len(todo)} image(s) again")
     write_json_atomic({**identity, "images": dict(sorted(keep.items(), key=lambda kv: int(kv[0])))}, record_path)
     for index in sorted(present - set(keep), key=int):
-        os.remove(os.path.join(image_dir, f"{index}_{args.height}x{args.width}.png"))
+        path = os.path.join(image_dir, output_name(int(index), args.height, args.width, video))
+        for stale in [path, *(frame_paths(path) if video else [])]:
+            if os.path.exists(stale):
+                os.remove(stale)
 
     if generator is not None:
         for start in tqdm(range(0, len(todo), args.batch_size), desc=name, unit="batch"):
             batch = todo[start : start + args.batch_size]
             images = generator([suite[i]["prompt"] for i in batch], args.height, args.width, args.steps,
-                               args.cfg, args.seed)
+                               args.cfg, args.seed, args.num_frames)
             for i, image in zip(batch, images):
-                save_png_atomic(image, suite[i]["prompt"], manifest[i]["gen_image_path"])
+                if video:
+                    save_video_atomic(image, suite[i]["prompt"], manifest[i]["gen_image_path"],
+                                      families.get(args.model_family).fps)
+                else:
+                    save_png_atomic(image, suite[i]["prompt"], manifest[i]["gen_image_path"])
                 keep[str(i)] = suite[i]["prompt"]
             # After the images: a kill in between leaves images the record does not vouch for (made again).
             write_json_atomic({**identity, "images": dict(sorted(keep.items(), key=lambda kv: int(kv[0])))},
@@ -388,6 +476,8 @@ def add_generation_flags(p) -> None:
                    help="parent of the image folder (default: beside the checkpoint; for base, outputs/base/<base model>)")
     p.add_argument("--height", type=int, default=None, help="a multiple of 8; default 512, SDXL and SD3 1024")
     p.add_argument("--width", type=int, default=None, help="a multiple of 8; default 512, SDXL and SD3 1024")
+    p.add_argument("--num_frames", type=int, default=None,
+                   help="video models: frames per video, 4k + 1 (default: the pipeline's, Wan2.1 81, CogVideoX 49)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; SD3: 28, its pipeline's)")
     p.add_argument("--cfg", type=float, default=None,
@@ -406,8 +496,11 @@ def finish_args(args):
         args.pretrain_path = families.get("sdxl" if args.sdxl else "sd15").default_pipeline
     family = families.resolve(args.pretrain_path, args.sdxl, "--pretrain_path", strict=False)
     args.model_family = family.name
-    args.height = family.resolution if args.height is None else args.height
-    args.width = family.resolution if args.width is None else args.width
+    default_size = family.size if family.video else (family.resolution, family.resolution)
+    args.height = default_size[0] if args.height is None else args.height
+    args.width = default_size[1] if args.width is None else args.width
+    if family.video and args.num_frames is None:
+        args.num_frames = family.num_frames
     args.steps = family.sampling_steps if args.steps is None else args.steps
     args.cfg = family.sampling_cfg if args.cfg is None else args.cfg
     if args.vae_path is None:

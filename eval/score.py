@@ -109,6 +109,34 @@ def open_image(path: str) -> Image.Image:
         raise InputError(f"unreadable image {path}: {first_line(err)} (generate it again with eval.generate)") from None
 
 
+def is_video(path: str) -> bool:
+    return path.lower().endswith(".mp4")
+
+
+def open_frames(path: str) -> list[Image.Image]:
+    """Every frame of a generated video (eval.generate writes mp4), as RGB images."""
+    from sdpo.video import UnreadableVideo, read_frames
+
+    try:
+        return [Image.fromarray(frame) for frame in read_frames(path)]
+    except UnreadableVideo as err:
+        raise InputError(f"unreadable video {path}: {err} (generate it again with eval.generate)") from None
+
+
+def chunk_scores(scorer, paths: list[str], prompts: list[str], batch: int) -> list[float]:
+    """Scores of images; a video's score is the mean of its frames' scores (every frame, with the
+    video's prompt)."""
+    if not any(map(is_video, paths)):
+        return [float(s) for s in scorer.score([open_image(p) for p in paths], prompts)]
+    scores = []
+    for path, prompt in zip(paths, prompts):
+        frames = open_frames(path) if is_video(path) else [open_image(path)]
+        per_frame = [float(s) for i in range(0, len(frames), batch)
+                     for s in scorer.score(frames[i : i + batch], [prompt] * len(frames[i : i + batch]))]
+        scores.append(sum(per_frame) / len(per_frame))
+    return scores
+
+
 def is_score(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -360,8 +388,8 @@ def score_manifest(manifest_path: str, metric: str, scorer, records: list[dict],
     batch = max(1, getattr(scorer, "batch_size", 16))
     for i in tqdm(range(0, len(records), batch), desc=f"{metric}: {os.path.basename(manifest_path)}", unit="batch"):
         chunk = records[i : i + batch]
-        pictures = [open_image(resolve_image(r["gen_image_path"], manifest_path)) for r in chunk]
-        scores = scorer.score(pictures, [r["prompt"] for r in chunk])
+        scores = chunk_scores(scorer, [resolve_image(r["gen_image_path"], manifest_path) for r in chunk],
+                              [r["prompt"] for r in chunk], batch)
         scored += [{**r, "score": float(s)} for r, s in zip(chunk, scores)]
     write_json_atomic(score_file(metric, identity, images, scored), score_path(manifest_path, metric))
     return scored

@@ -1,4 +1,4 @@
-"""The real SD1.5, SDXL and SD3.5-medium architectures, built from the configs in `sdpo/configs/`
+"""The real SD1.5, SDXL, SD3.5-medium, Wan2.1-T2V-1.3B, CogVideoX-2B and -5B architectures, built from the configs in `sdpo/configs/`
 with random weights and no download: for the benchmark, and wherever the real sizes matter but not
 the weights.
 
@@ -7,8 +7,11 @@ and stable-diffusion-3.5-medium): the SD1.5 UNet has 859.5 M parameters, SDXL's 
 83.7 M, the CLIP-L text encoder 123.1 M and SDXL's second (OpenCLIP bigG) one 694.7 M. SD3.5-medium's
 transformer has 2,243.2 M parameters (2,469.7 M with its fixed position embedding, a buffer here),
 its VAE (16 channels) 83.8 M, its CLIP-L and bigG with projections 123.7 M and 694.7 M, and its
-T5-v1.1-XXL encoder 4,762.3 M. The CLIP tokenizers are the real one, built offline
-(`sdpo.tiny.write_clip_tokenizer`); SD3's T5 tokenizer is a small offline stand-in.
+T5-v1.1-XXL encoder 4,762.3 M. Wan2.1-T2V-1.3B's transformer has 1,419.0 M parameters, its VAE
+126.9 M and its UMT5-XXL encoder 5,680.9 M; CogVideoX-2B's transformer 1,693.8 M and its VAE
+215.6 M, CogVideoX-5B's transformer 5,570.3 M; both use T5-v1.1-XXL. The CLIP tokenizers are the
+real one, built offline (`sdpo.tiny.write_clip_tokenizer`); the T5 and UMT5 tokenizers are a small
+offline stand-in (the FLOPs do not depend on the ids).
 
 Built under `torch.device("meta")`, the models take no memory: enough to count FLOPs.
 """
@@ -22,14 +25,15 @@ import tempfile
 import torch
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-ARCHITECTURES = ("sd15", "sdxl", "sd3")
+ARCHITECTURES = ("sd15", "sdxl", "sd3", "wan21", "cogvideox", "cogvideox5b")
+FAMILY_OF = {"cogvideox5b": "cogvideox"}  # architectures that are a size of another family
 
 
 def family(arch: str):
     """The model family of an architecture (sdpo.families)."""
     from sdpo import families
 
-    return families.get(arch)
+    return families.get(FAMILY_OF.get(arch, arch))
 
 
 def config(arch: str, part: str) -> dict:
@@ -46,10 +50,10 @@ def tokenizers(arch: str):
     found = []
     for n, (name, _, _) in enumerate(family(arch).text_folders()):
         path = f"{folder}-{n}"
-        if name == "tokenizer_3":
+        if name == "tokenizer_3" or family(arch).video:
             from transformers import AutoTokenizer
 
-            write_t5_tokenizer(path, model_max_length=512)
+            write_t5_tokenizer(path, model_max_length=512)  # (T5's, UMT5's: a small stand-in vocabulary)
             found.append(AutoTokenizer.from_pretrained(path))
         else:
             write_clip_tokenizer(path, **({"pad_token": "!"} if n else {}))
@@ -68,9 +72,9 @@ def text_encoders(arch: str):
 
 
 def vae(arch: str):
-    from diffusers import AutoencoderKL
+    import diffusers
 
-    return AutoencoderKL.from_config(config(arch, "vae"))
+    return getattr(diffusers, family(arch).vae_class_name).from_config(config(arch, "vae"))
 
 
 def unet(arch: str):
@@ -100,7 +104,12 @@ def save_pipeline(arch: str, folder: str, seed: int = 0) -> str:
 
     fam = family(arch)
     toks, encoders, autoencoder, policy, _ = build(arch, with_reference=False, seed=seed)
-    scheduler = fam.noise_scheduler_class().from_config(config(arch, "scheduler"))
+    if fam.video:  # the scheduler the released pipeline ships (Wan2.1: UniPC with flow sigmas)
+        with open(os.path.join(CONFIG_DIR, arch, "scheduler.json")) as f:
+            shipped = json.load(f)["_class_name"]
+        scheduler = getattr(diffusers, shipped).from_config(config(arch, "scheduler"))
+    else:
+        scheduler = fam.noise_scheduler_class().from_config(config(arch, "scheduler"))
     parts = {"vae": autoencoder, fam.denoiser_folder: policy, "scheduler": scheduler}
     for (tok_name, enc_name, _), tokenizer, encoder in zip(fam.text_folders(), toks, encoders):
         parts.update({tok_name: tokenizer, enc_name: encoder})

@@ -7,7 +7,8 @@ the VAE nor image decoding.
 
 For every pair with a decided label (ties are never trained on) it stores, in the VAE's dtype, the
 VAE posterior's mean and std of both images at the training crop (the center crop: a random crop
-cannot be cached), each unflipped and flipped, the caption's token ids for every tokenizer, each
+cannot be cached), or of both clips of a video pair at their middle window of --num_frames frames
+(train with --frame_window middle: a random window cannot be cached), each unflipped and flipped, the caption's token ids for every tokenizer, each
 image's original size (for `--sdxl_true_time_ids`) and whether the pair is readable. Training
 then draws exactly what it draws from the images: each image's flip and the empty caption from
 the same per-row generator, and `latent_dist.sample()` as mean + std * randn on the same random
@@ -68,48 +69,91 @@ def vae_identity(args) -> dict:
 
 def cache_settings(args, vae_dtype: torch.dtype, tokenizers) -> dict:
     """Everything that decides a cache's content; a run must match it to use the cache."""
+    family = families.get(args.model_family)
     vocab = hashlib.sha256(json.dumps([sorted(t.get_vocab().items()) for t in tokenizers]).encode()).hexdigest()
-    return {"format": FORMAT, "dataset": dataset_identity(args), "resolution": args.resolution, "crop": "center",
-            **families.get(args.model_family).cache_identity(args.no_t5), "vae": vae_identity(args), "vae_dtype": str(vae_dtype).removeprefix("torch."),
-            "tokenizers": {"count": len(tokenizers), "vocab_sha256": vocab,
-                           "max_length": families.get(args.model_family).token_lengths(tokenizers)}}
+    settings = {"format": FORMAT, "dataset": dataset_identity(args), "resolution": args.resolution, "crop": "center",
+                **family.cache_identity(args.no_t5), "vae": vae_identity(args),
+                "vae_dtype": str(vae_dtype).removeprefix("torch."),
+                "tokenizers": {"count": len(tokenizers), "vocab_sha256": vocab,
+                               "max_length": family.token_lengths(tokenizers)}}
+    if family.video:  # a clip's middle window of --num_frames frames at --height x --width (no --resolution)
+        del settings["resolution"]
+        settings["clips"] = {"num_frames": args.num_frames, "height": args.height, "width": args.width,
+                             "window": "middle"}
+    return settings
+
+
+def norm_record(latent_norm) -> dict:
+    """The latent normalisation (scale, shift: numbers, or per-channel tensors) as JSON."""
+    def plain(x):
+        return x.flatten().tolist() if isinstance(x, torch.Tensor) else x
+
+    scale = latent_norm[0]
+    return {"scale": plain(scale), "shift": plain(latent_norm[1]),
+            "shape": list(scale.shape) if isinstance(scale, torch.Tensor) else None}
+
+
+def norm_from_record(record: dict):
+    """(scale, shift) from norm_record's JSON."""
+    if record["shape"] is None:
+        return record["scale"], record["shift"]
+    shape = record["shape"]
+    shift = None if record["shift"] is None else torch.tensor(record["shift"]).view(shape)
+    return torch.tensor(record["scale"]).view(shape), shift
 
 
 # ---- building -----------------------------------------------------------------------------------
 
 
-def encode_rows(data, rows, args, vae, prompt_encoder: PromptEncoder, encode_batch_size: int):
-    """The tensors of one shard: for each row, both images (jpg_0, jpg_1) at the center crop,
-    unflipped and flipped, through the VAE."""
-    from sdpo.data import (IMAGE_COLUMNS, LABEL_COLUMN, UnreadableImage, caption_text, decode_image,
-                           resize_and_crop, to_tensor)
+def pixels_of(item, args):
+    """A row's two images (or clips) as training sees them unflipped, and their (h, w); None for an
+    unreadable pair. Images: the center crop; clips: the middle window of --num_frames frames."""
+    from sdpo.data import IMAGE_COLUMNS, decode_image, resize_and_crop, to_tensor
 
-    images, readable, sizes, captions = [], [], [], []
+    if families.get(args.model_family).video:
+        from sdpo.video import VIDEO_COLUMNS, decode_pair
+
+        clips, _ = decode_pair([item[c] for c in VIDEO_COLUMNS], args.num_frames, args.height, args.width)
+        return list(clips), [[args.height, args.width]] * 2
+    pair = [decode_image(item[c]) for c in IMAGE_COLUMNS]
+    return ([to_tensor(resize_and_crop(im, args.resolution)[0]) for im in pair],
+            [[im.size[1], im.size[0]] for im in pair])
+
+
+def encode_rows(data, rows, args, vae, prompt_encoder: PromptEncoder, encode_batch_size: int):
+    """The tensors of one shard: for each row, both images (jpg_0, jpg_1) at the center crop, or
+    both clips (video_0, video_1) at their middle window, unflipped and flipped, through the VAE."""
+    from sdpo.data import LABEL_COLUMN, UnreadableImage, caption_text
+
+    family = families.get(args.model_family)
+    blank = ((args.num_frames, 3, args.height, args.width) if family.video else (3, args.resolution, args.resolution))
+    readable, sizes, captions, pending, means, stds = [], [], [], [], [], []
+
+    def encode(chunk):  # the VAE on a chunk of images (clips): at most encode_batch_size in memory
+        with torch.no_grad():
+            dist = vae.encode(family.vae_input(torch.stack(chunk)).to(vae.device, vae.dtype)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
+
     for row in rows:
         item = data[row]
         try:
-            pair = [decode_image(item[c]) for c in IMAGE_COLUMNS]
-        except UnreadableImage as err:
+            pair, size = pixels_of(item, args)
+        except UnreadableImage as err:  # (an unreadable clip is one too)
             logger.warning("row %d: %s; the pair is stored as unreadable and skipped in training", row, err)
-            pair = None
+            pair, size = None, [[0, 0], [0, 0]]
         readable.append(pair is not None)
-        sizes.append([[im.size[1], im.size[0]] for im in pair] if pair else [[0, 0], [0, 0]])
+        sizes.append(size)
         for k in range(2):
-            if pair:
-                tensor = to_tensor(resize_and_crop(pair[k], args.resolution)[0])
-            else:
-                tensor = torch.zeros(3, args.resolution, args.resolution)
-            images += [tensor, tensor.flip(-1)]  # an image and its mirror, always in the same VAE call
+            tensor = pair[k] if pair else torch.zeros(blank)
+            pending += [tensor, tensor.flip(-1)]  # an image and its mirror, always in the same VAE call
+            while len(pending) >= encode_batch_size:
+                encode(pending[:encode_batch_size])
+                pending = pending[encode_batch_size:]
         captions.append(caption_text(item[args.caption_column], args.caption_column))
-    pixels = torch.stack(images)
-    means, stds = [], []
-    with torch.no_grad():
-        for start in range(0, len(pixels), encode_batch_size):
-            chunk = pixels[start : start + encode_batch_size].to(vae.device, vae.dtype)
-            dist = vae.encode(chunk).latent_dist
-            means.append(dist.mean.cpu())
-            stds.append(dist.std.cpu())
-    shape = (len(rows), 2, 2, *means[0].shape[1:])  # row, image (jpg_0, jpg_1), flip (no, yes), C, h, w
+    if pending:
+        encode(pending)
+    shape = (len(rows), 2, 2, *means[0].shape[1:])  # row, image (jpg_0, jpg_1), flip (no, yes), C, [f,] h, w
     tensors = {"row": torch.tensor(rows, dtype=torch.int64), "readable": torch.tensor(readable, dtype=torch.uint8),
                "label": torch.tensor([float(data[r][LABEL_COLUMN]) for r in rows], dtype=torch.float64),
                "original_size": torch.tensor(sizes, dtype=torch.int32),
@@ -161,7 +205,8 @@ def build(args) -> str:
     if not rows:
         raise InputError(f"dataset {args.dataset_name!r} has no pair with a decided label (all {ties} are ties)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    vae = models.load_vae(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, **hub)
+    vae = models.load_vae(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, family=family,
+                          **hub)
     vae = vae.to(device, vae_dtype).eval()
     shards = []
     stats = torch.zeros(4, dtype=torch.float64)  # sum of std, max std, sum of |mean|, count
@@ -186,8 +231,9 @@ def build(args) -> str:
     posterior = {"mean_std": float(stats[0] / stats[3]), "max_std": float(stats[1]),
                  "mean_abs_mean": float(stats[2] / stats[3])}
     manifest = {"settings": settings, "layout": layout, "shards": shards, "pairs": len(rows), "ties": ties,
-                "scaling_factor": vae.config.scaling_factor, "shift_factor": getattr(vae.config, "shift_factor", None),
-                "posterior": posterior,
+                "scaling_factor": getattr(vae.config, "scaling_factor", None),
+                "shift_factor": getattr(vae.config, "shift_factor", None),
+                "latent_norm": norm_record(family.latent_norm(vae.config)), "posterior": posterior,
                 "bytes_per_pair": sum(os.path.getsize(os.path.join(args.output_dir, s["file"])) for s in shards)
                 / len(rows)}
     write_json_atomic(manifest, manifest_path)
@@ -226,8 +272,13 @@ class LatentCache:
         if differ:
             raise InputError(f"--latent_cache {folder} was built for other settings ({differ})")
         self.folder = folder
-        self.scaling_factor = self.manifest["scaling_factor"]
-        self.shift_factor = self.manifest.get("shift_factor")  # (caches built before it was recorded: SD1.x, SDXL)
+        # (scale, shift) as training normalises the latents; caches built before latent_norm was
+        # recorded (SD1.x, SDXL, SD3) have the scaling and shift factors, and none before the shift.
+        record = self.manifest.get("latent_norm")
+        self.latent_norm = (norm_from_record(record) if record is not None else
+                            (self.manifest["scaling_factor"], self.manifest.get("shift_factor")))
+        clips = self.manifest["settings"].get("clips")
+        self.size = (clips["height"], clips["width"]) if clips else None
         self.index, self.labels, self.readable, self.sizes = {}, {}, {}, {}
         for shard in self.manifest["shards"]:
             with safe_open(os.path.join(folder, shard["file"]), "pt") as f:
@@ -263,7 +314,8 @@ class LatentCache:
     def pairs(self, rows: list[int], seed: int, resolution: int, *, hflip: bool, proportion_empty_prompts: float,
               winners_only: bool = False) -> CachedPairs:
         """These rows as a dataset that makes the random choices of sdpo.data.PairDataset."""
-        return CachedPairs(self, rows, seed, resolution, hflip, proportion_empty_prompts, self.empty_ids, winners_only)
+        return CachedPairs(self, rows, seed, resolution, hflip, proportion_empty_prompts, self.empty_ids, winners_only,
+                           self.size)
 
     def __getstate__(self):  # dataloader workers reopen the shards
         return {**self.__dict__, "_open": {}}
@@ -275,11 +327,13 @@ class CachedPairs(RowPairs):
     seeded by (seed, epoch, row); an unreadable pair is skipped and the next readable one used."""
 
     def __init__(self, cache: LatentCache, rows: list[int], seed: int, resolution: int, hflip: bool,
-                 proportion_empty_prompts: float, empty_ids: list[torch.Tensor], winners_only: bool = False):
+                 proportion_empty_prompts: float, empty_ids: list[torch.Tensor], winners_only: bool = False,
+                 size: tuple[int, int] | None = None):
         super().__init__(rows, seed)
         self.cache = cache
         self.resolution, self.hflip, self.proportion_empty_prompts = resolution, hflip, proportion_empty_prompts
         self.empty_ids, self.winners_only = empty_ids, winners_only
+        self.size = size  # clips: (height, width), whose time ids are fixed as sdpo.data's for clips
 
     def item(self, row: int, rng: random.Random) -> dict:
         if not self.cache.readable[row]:
@@ -296,7 +350,10 @@ class CachedPairs(RowPairs):
             left = mirrored_left(new_w, left, self.resolution) if flip else left
             means.append(cached["mean"][image, flip])
             stds.append(cached["std"][image, flip])
-            time_ids.append([h, w, top, left, self.resolution, self.resolution])
+            if self.size:
+                time_ids.append([*self.size, 0, 0, *self.size])
+            else:
+                time_ids.append([h, w, top, left, self.resolution, self.resolution])
         drop = rng.random() < self.proportion_empty_prompts
         return {"latent_mean": torch.stack(means), "latent_std": torch.stack(stds),
                 "time_ids": torch.tensor(time_ids, dtype=torch.float32),
@@ -323,19 +380,31 @@ def parse_args(argv=None):
     a("--split", default="train")
     a("--caption_column", default="caption")
     a("--resolution", type=int, default=None, help="default 512, SDXL and SD3 1024")
+    a("--num_frames", type=int, default=None, help="video: frames per clip, as train.py (the middle window is stored)")
+    a("--height", type=int, default=None, help="video: as train.py")
+    a("--width", type=int, default=None, help="video: as train.py")
     a("--random_crop", action="store_true", help="refused: a cache holds center crops")
     a("--no_hflip", action="store_true", help="accepted and ignored: both flips are always stored")
     a("--mixed_precision", default="bf16", choices=["no", "fp16", "bf16"], help="the VAE's dtype, as in training")
     a("--output_dir", required=True, help="the cache folder")
-    a("--shard_pairs", type=int, default=1024, help="pairs per shard file")
-    a("--encode_batch_size", type=int, default=32, help="images per VAE call (even: an image and its mirror)")
+    a("--shard_pairs", type=int, default=None, help="pairs per shard file (default 1024; video models 16)")
+    a("--encode_batch_size", type=int, default=None,
+      help="images per VAE call (even: an image and its mirror; default 32; video models: clips, 2)")
     a("--device", default=None, help="default: cuda if available")
     args = p.parse_args(argv)
     family = families.resolve(args.pretrained_model_name_or_path, args.sdxl, strict=False, revision=args.revision,
                               cache_dir=args.cache_dir)
     args.model_family = family.name
+    if family.video and args.resolution is not None:
+        raise InputError(f"--resolution: {family.label} clips are sized with --height and --width")
     if args.resolution is None:
         args.resolution = family.resolution
+    if family.video:  # (a shard of clips holds 64 clips' latents; the VAE takes a clip and its mirror at a time)
+        args.height = family.size[0] if args.height is None else args.height
+        args.width = family.size[1] if args.width is None else args.width
+        args.num_frames = family.num_frames if args.num_frames is None else args.num_frames
+    args.shard_pairs = (16 if family.video else 1024) if args.shard_pairs is None else args.shard_pairs
+    args.encode_batch_size = (2 if family.video else 32) if args.encode_batch_size is None else args.encode_batch_size
     check_args(args)
     return args
 
@@ -365,19 +434,36 @@ def check_args(args) -> None:
         raise InputError(f"--resolution {args.resolution}: {family.label} takes sizes that are multiples of "
                          f"{family.size_multiple}")
     if args.no_t5 and not family.optional_t5:
-        raise InputError(f"--no_t5: {args.pretrained_model_name_or_path} is an {family.label} pipeline, which has no "
+        raise InputError(f"--no_t5: {args.pretrained_model_name_or_path} is {family.article} {family.label} pipeline, which has no "
                          f"T5 encoder")
     vae = args.pretrained_vae_model_name_or_path
     source, subfolder, flag = ((vae, None, "--pretrained_vae_model_name_or_path") if vae else
                                (args.pretrained_model_name_or_path, "vae", "--pretrained_model_name_or_path"))
     models.check_source(source, flag)
     # The VAE's config now: without it the build would stop only after loading (or downloading) the dataset.
-    from diffusers import AutoencoderKL
-
     try:
-        AutoencoderKL.load_config(source, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir)
+        models.vae_class(family).load_config(source, subfolder=subfolder, revision=args.revision,
+                                             cache_dir=args.cache_dir)
     except Exception as err:  # hub, file-system and format errors come in many types
         raise InputError(f"{flag}: cannot read the VAE config of {source}: {first_line(err)}") from None
+    if family.video:
+        hub = dict(revision=args.revision, cache_dir=args.cache_dir)
+        for flag, value in (("--height", args.height), ("--width", args.width)):
+            if value < 1 or value % family.size_multiple:
+                raise InputError(f"{flag} {value}: {family.label} takes sizes that are multiples of "
+                                 f"{family.size_multiple}")
+        try:
+            family.check_num_frames(args.num_frames, models.vae_config(args.pretrained_model_name_or_path, vae, family,
+                                                                       **hub),
+                                    models.base_unet_shapes(args.pretrained_model_name_or_path, family=family,
+                                                            **hub).config)
+        except ValueError as err:
+            raise InputError(f"--num_frames {args.num_frames}: {err}") from None
+    else:
+        for flag in ("num_frames", "height", "width"):
+            if getattr(args, flag) is not None:
+                raise InputError(f"--{flag} is for video models; {args.pretrained_model_name_or_path} is "
+                                 f"{family.article} {family.label} pipeline")
 
 
 @reports_input_errors

@@ -362,7 +362,8 @@ PATH_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_
 # Result-changing settings added after checkpoints were first written, with the value that gives
 # the behaviour from before: a checkpoint that does not record one of them resumes with that value.
 ADDED_LATER = {"use_lora": False, "use_8bit_adam": False, "no_t5": False, "weighting_scheme": "logit_normal",
-               "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}
+               "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29, "num_frames": None, "height": None,
+               "width": None, "frame_window": "random"}
 
 
 def result_settings(config: dict) -> dict:

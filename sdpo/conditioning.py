@@ -37,6 +37,7 @@ class PromptEncoder:
         of its training examples (SD3: 77); `denoiser_config` gives SD3 without T5 the width of the
         zeros in T5's place."""
         self.family = family
+        self.denoiser_config = denoiser_config
         self.tokenizers = list(tokenizers)
         self.text_encoders = list(text_encoders)
         self.resolution = resolution

@@ -145,10 +145,32 @@ def column_types(data) -> dict[str, str] | None:
             for column, feature in features.items()}
 
 
-def check_columns(column_names, name: str, caption_column: str = "caption", types: dict | None = None) -> None:
+def pair_columns(args) -> tuple[tuple[str, str], str]:
+    """(the pair's columns, the model's name): video_0 and video_1 for a video family, jpg_0 and
+    jpg_1 for an image one."""
+    from sdpo import families
+    from sdpo.video import VIDEO_COLUMNS
+
+    family = families.get(getattr(args, "model_family", "sd15"))
+    return (VIDEO_COLUMNS if family.video else IMAGE_COLUMNS), family.label
+
+
+def check_columns(column_names, name: str, caption_column: str = "caption", types: dict | None = None,
+                  columns: tuple[str, str] = IMAGE_COLUMNS, model: str = "") -> None:
     """Stop at once, naming the column, if the dataset lacks one we read, or if its caption column
-    does not hold text (bytes or numbers would be trained on as whatever str() makes of them)."""
-    required = (*IMAGE_COLUMNS, LABEL_COLUMN, caption_column)
+    does not hold text (bytes or numbers would be trained on as whatever str() makes of them).
+    `columns`: the pair's columns (images or videos); video pairs given to an image model (`model`),
+    or image pairs to a video model, are named as such."""
+    from sdpo.video import VIDEO_COLUMNS
+
+    if columns[0] not in column_names:
+        if columns == IMAGE_COLUMNS and VIDEO_COLUMNS[0] in column_names:
+            raise InputError(f"dataset {name!r} holds video pairs (video_0, video_1); {model or 'this model'} is an "
+                             f"image model, which trains on image pairs (jpg_0, jpg_1)")
+        if columns == VIDEO_COLUMNS and IMAGE_COLUMNS[0] in column_names:
+            raise InputError(f"dataset {name!r} holds image pairs (jpg_0, jpg_1); {model or 'this model'} is a "
+                             f"video model, which trains on video pairs (video_0, video_1: mp4 bytes or paths)")
+    required = (*columns, LABEL_COLUMN, caption_column)
     for column in required:
         if column not in column_names:
             raise InputError(
@@ -188,7 +210,8 @@ def decided_rows(labels) -> tuple[list[int], int]:
 
 
 class UnreadableImage(Exception):
-    """An image that cannot be used: missing, undecodable, truncated, or too large."""
+    """An image that cannot be used: missing, undecodable, truncated, or too large (a clip that
+    cannot be used is one too: sdpo.video.UnreadableVideo)."""
 
 
 def decode_image(data) -> Image.Image:
@@ -264,21 +287,30 @@ def transform_image(image: Image.Image, resolution: int, rng: random.Random, ran
 
 class PairTransform:
     """A Pick-a-Pic row to a training item: winner first, each image transformed on its own
-    (the two images of a pair flip independently, as in the reference)."""
+    (the two images of a pair flip independently, as in the reference).
+
+    With `num_frames` (video families) the pair is video_0 and video_1: both clips are read at the
+    same frames (a window whose start is drawn per pair with `random_start`, else the middle one)
+    and resized and center-cropped to `size` (height, width); each clip flips as a whole. An item's
+    pixels are then (k, F, 3, height, width)."""
 
     def __init__(self, resolution, random_crop=False, hflip=True, proportion_empty_prompts=0.0, winners_only=False,
-                 caption_column="caption"):
+                 caption_column="caption", num_frames: int | None = None, size: tuple[int, int] | None = None,
+                 random_start: bool = True):
         self.resolution = resolution
         self.caption_column = caption_column
         self.random_crop = random_crop
         self.hflip = hflip
         self.proportion_empty_prompts = proportion_empty_prompts
         self.winners_only = winners_only
+        self.num_frames, self.size, self.random_start = num_frames, size, random_start
 
     def __call__(self, row: dict, rng: random.Random, jpg_1_wins: bool | None = None) -> dict:
         """`jpg_1_wins` overrides label_0 (AI feedback: a reward model's choice)."""
         if jpg_1_wins is None:
             jpg_1_wins = row[LABEL_COLUMN] != 1
+        if self.num_frames:
+            return self.video_item(row, rng, jpg_1_wins)
         first, second = ("jpg_1", "jpg_0") if jpg_1_wins else ("jpg_0", "jpg_1")
         columns = (first,) if self.winners_only else (first, second)
         images = [decode_image(row[c]) for c in columns]
@@ -290,6 +322,36 @@ class PairTransform:
         item = {"pixels": torch.stack([pixels for pixels, _, _ in done]), "time_ids": time_ids}
         item["caption"] = "" if rng.random() < self.proportion_empty_prompts else caption
         return item
+
+    def video_item(self, row: dict, rng: random.Random, video_1_wins: bool) -> dict:
+        """The random draws, in order: the window's start, each clip's flip, the empty caption."""
+        from sdpo.video import decode_pair
+
+        first, second = ("video_1", "video_0") if video_1_wins else ("video_0", "video_1")
+        height, width = self.size
+        # Both clips are read even for sft (winners only): the window is the pair's, as the cache's.
+        pixels, _ = decode_pair([row[first], row[second]], self.num_frames, height, width,
+                                rng if self.random_start else None)
+        columns = (first,) if self.winners_only else (first, second)
+        pixels = pixels[: len(columns)]
+        if self.hflip:
+            pixels = torch.stack([clip.flip(-1) if rng.random() < 0.5 else clip for clip in pixels])
+        caption = caption_text(row[self.caption_column], self.caption_column)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]] * len(columns), dtype=torch.float32)
+        item = {"pixels": pixels, "time_ids": time_ids}
+        item["caption"] = "" if rng.random() < self.proportion_empty_prompts else caption
+        return item
+
+
+def pair_transform(args, training: bool = True) -> PairTransform:
+    """The run's transform: for training, with its random choices; for held-out pairs, seen the same
+    way every time (center crop, no flip, the middle frames, their captions)."""
+    video = dict(num_frames=args.num_frames, size=(args.height, args.width)) if getattr(args, "num_frames", None) else {}
+    return PairTransform(args.resolution, random_crop=args.random_crop and training,
+                         hflip=not args.no_hflip and training,
+                         proportion_empty_prompts=args.proportion_empty_prompts if training else 0.0,
+                         winners_only=args.train_method == "sft", caption_column=args.caption_column,
+                         random_start=training and getattr(args, "frame_window", "random") == "random", **video)
 
 
 class NoUsablePairs(InputError):
@@ -347,7 +409,7 @@ class RowPairs(torch.utils.data.Dataset):
                 return self.item(row, random.Random(f"{self.seed}:{epoch}:{row}"))
             except UnreadableImage as err:
                 self.unreadable.warn(row, err)
-        raise NoUsablePairs(f"none of the {len(self.rows)} pairs of the dataset has two readable images")
+        raise NoUsablePairs(f"none of the {len(self.rows)} pairs of the dataset has two readable images (or clips)")
 
 
 class PairDataset(RowPairs):
@@ -456,7 +518,7 @@ class PairBatch:
     time_ids: torch.Tensor  # (B, k, 6): each image's SDXL micro-conditioning (orig h, w, crop top, left, res, res)
     captions: list[str] | None = None  # "" where the caption was dropped
     caption_ids: list[torch.Tensor] | None = None  # or the token ids, one (B, max_length) tensor per tokenizer
-    pixels: torch.Tensor | None = None  # (B, k, 3, H, W) in [-1, 1]
+    pixels: torch.Tensor | None = None  # (B, k, 3, H, W) in [-1, 1]; clips (B, k, F, 3, H, W)
     latent_mean: torch.Tensor | None = None  # or, from the latent cache, (B, k, C, h, w) in the VAE's dtype
     latent_std: torch.Tensor | None = None
 
@@ -551,9 +613,9 @@ def load_pairs(args, split: str, streaming: bool = False, flag: str = "--split")
         if first is None:
             raise InputError(f"dataset {args.dataset_name!r} (split {split!r}) is empty")
         column_names = list(first.keys())
-        check_columns(column_names, args.dataset_name, args.caption_column)
+        check_columns(column_names, args.dataset_name, args.caption_column, None, *pair_columns(args))
         caption_text(first[args.caption_column], args.caption_column)  # text, or one line saying it is not
-    check_columns(column_names, args.dataset_name, args.caption_column, types)
+    check_columns(column_names, args.dataset_name, args.caption_column, types, *pair_columns(args))
     if not streaming and len(data) == 0:
         raise InputError(f"dataset {args.dataset_name!r} (split {split!r}) is empty")
     return data
@@ -573,8 +635,7 @@ def dataset_identity(args, split: str | None = None) -> dict:
 
 def validation_transform(args) -> PairTransform:
     """Held-out pairs are seen the same way every time: center crop, no flip, their captions."""
-    return PairTransform(args.resolution, random_crop=False, hflip=False, proportion_empty_prompts=0.0,
-                         winners_only=args.train_method == "sft", caption_column=args.caption_column)
+    return pair_transform(args, training=False)
 
 
 def plan_rows(args, labels, held_labels=None) -> tuple[list[int], list[int] | None]:
@@ -604,7 +665,7 @@ def check_data(args, world_size: int, cache=None) -> None:
             return None
         _check_parquet(files, args.dataset_name, split)
         schema = pq.read_schema(files[0])
-        check_columns(schema.names, args.dataset_name, args.caption_column, column_types(schema))
+        check_columns(schema.names, args.dataset_name, args.caption_column, column_types(schema), *pair_columns(args))
         return [label for f in files for label in pq.read_table(f, columns=[LABEL_COLUMN])[LABEL_COLUMN].to_pylist()]
 
     if cache is not None:
@@ -633,14 +694,7 @@ def build_dataloader(args, *, rank: int, world_size: int, start_micro_batch: int
     """
     if cache is not None:
         return _cached_dataloader(args, cache, rank, world_size, start_micro_batch)
-    transform = PairTransform(
-        args.resolution,
-        random_crop=args.random_crop,
-        hflip=not args.no_hflip,
-        proportion_empty_prompts=args.proportion_empty_prompts,
-        winners_only=args.train_method == "sft",
-        caption_column=args.caption_column,
-    )
+    transform = pair_transform(args)
     data = load_pairs(args, args.split, args.streaming)
     held_data = None
     if args.validation_pairs and args.validation_split:

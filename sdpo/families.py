@@ -1,4 +1,4 @@
-"""Model families: what differs between SD1.5, SDXL and SD3/SD3.5, in one object each.
+"""Model families: what differs between SD1.5, SDXL, SD3/SD3.5, Wan2.1 and CogVideoX, in one object each.
 
 A family owns everything about a pipeline that the training step and generation must not know:
 which pipeline folders it reads (the denoiser in `unet/` or `transformer/`, its tokenizers and
@@ -16,8 +16,10 @@ family; no other module tests which family it holds.
   then T5's states appended on the sequence axis; the pooled embeddings of both CLIPs
   concatenated), or zeros where T5 is left out (`--no_t5`, as `text_encoder_3=None`), rectified
   flow (sdpo/noise.py), latents shifted and scaled, 1024 px.
-
-A video family (Wan2.1, CogVideoX) is one more subclass.
+- Wan2.1 (`WanPipeline`) and CogVideoX (`CogVideoXPipeline`): video transformers over latents of
+  4k + 1 frame clips from a video VAE, one T5-family text encoder; Wan2.1 is a rectified flow with
+  per-channel latent normalisation, CogVideoX a v-prediction DDPM that takes latents frames first
+  with 3D rotary embeddings.
 """
 
 from __future__ import annotations
@@ -30,11 +32,17 @@ from sdpo.conditioning import Conditioning
 from sdpo.errors import InputError, first_line
 
 
+def _like(value, tensor):
+    """A number as it is; a tensor on `tensor`'s device, in its dtype."""
+    return value.to(tensor.device, tensor.dtype) if isinstance(value, torch.Tensor) else value
+
+
 class Family:
     """SD1.5: the base of the families. Subclasses change what differs."""
 
     name = "sd15"
     label = "SD1.x"
+    article = "an"  # before the label
     pipeline_class = "StableDiffusionPipeline"
     denoiser_folder = "unet"
     denoiser_class_name = "UNet2DConditionModel"
@@ -57,6 +65,8 @@ class Family:
     # prompts only then; otherwise it samples one prompt at a time, so that no image depends on
     # --batch_size).
     batch_invariant = True
+    video = False  # trains on video pairs (video_0, video_1) of --num_frames frames
+    vae_class_name = "AutoencoderKL"
 
     # ---- loading ----------------------------------------------------------------------------
 
@@ -94,6 +104,11 @@ class Family:
 
         return DDPMScheduler
 
+    def training_scheduler(self, config: dict):
+        """The scheduler whose training grid the noise process uses, from the pipeline's scheduler
+        config (as its from_pretrained builds it)."""
+        return self.noise_scheduler_class().from_config(config)
+
     def noise_process(self, scheduler, args=None):
         from sdpo.noise import DDPM
 
@@ -115,23 +130,37 @@ class Family:
         hidden = encoder(ids[0]).last_hidden_state
         return Conditioning(hidden if dtype is None else hidden.to(dtype))
 
-    def model_inputs(self, noisy, timesteps, cond: Conditioning) -> dict:
-        """The denoiser's keyword arguments."""
+    def model_inputs(self, noisy, timesteps, cond: Conditioning, config=None) -> dict:
+        """The denoiser's keyword arguments (`config`: the denoiser's, for what its inputs depend on:
+        CogVideoX's rotary embeddings)."""
         return {"sample": noisy, "timestep": timesteps, "encoder_hidden_states": cond.encoder_hidden_states}
 
     # ---- latents ----------------------------------------------------------------------------
 
-    @staticmethod
-    def normalize(latents, scaling_factor: float, shift_factor: float | None):
-        """VAE latents as the denoiser sees them: (latents - shift) * scale (no shift where the VAE has none)."""
-        if shift_factor is not None:
-            latents = latents - shift_factor
-        return latents * scaling_factor
+    def vae_input(self, pixels):
+        """A batch of pixels (N, 3, H, W) as the VAE takes it."""
+        return pixels
 
     @staticmethod
-    def denormalize(latents, scaling_factor: float, shift_factor: float | None):
-        latents = latents / scaling_factor
-        return latents if shift_factor is None else latents + shift_factor
+    def latent_channels(vae_config) -> int:
+        return vae_config.latent_channels
+
+    @staticmethod
+    def latent_norm(vae_config):
+        """(scale, shift) of the latent normalisation: the VAE's scaling_factor and shift_factor (None
+        where it has none)."""
+        return vae_config.scaling_factor, getattr(vae_config, "shift_factor", None)
+
+    def normalize(self, latents, scaling_factor, shift_factor):
+        """VAE latents as the denoiser sees them: (latents - shift) * scale (no shift where the VAE
+        has none); scale and shift are numbers or tensors that broadcast (per channel)."""
+        if shift_factor is not None:
+            latents = latents - _like(shift_factor, latents)
+        return latents * _like(scaling_factor, latents)
+
+    def denormalize(self, latents, scaling_factor, shift_factor):
+        latents = latents / _like(scaling_factor, latents)
+        return latents if shift_factor is None else latents + _like(shift_factor, latents)
 
     # ---- records ----------------------------------------------------------------------------
 
@@ -180,7 +209,7 @@ class SDXL(Family):
         dtype = dtype or hidden.dtype
         return Conditioning(hidden.to(dtype), pooled.to(dtype), time_ids.to(dtype))
 
-    def model_inputs(self, noisy, timesteps, cond):
+    def model_inputs(self, noisy, timesteps, cond, config=None):
         return {**super().model_inputs(noisy, timesteps, cond),
                 "added_cond_kwargs": {"text_embeds": cond.pooled, "time_ids": cond.time_ids}}
 
@@ -247,13 +276,7 @@ class SD3(Family):
         return torch.float32 if weight_dtype == torch.float16 else weight_dtype
 
     def noise_process(self, scheduler, args=None):
-        from sdpo.noise import RectifiedFlow
-
-        check_static_shift(scheduler.config)
-        if args is None:
-            return RectifiedFlow(scheduler)
-        density = "uniform" if args.weighting_scheme == "none" else args.weighting_scheme
-        return RectifiedFlow(scheduler, density, args.logit_mean, args.logit_std, args.mode_scale)
+        return rectified_flow(scheduler, args)
 
     def encode(self, encoders, ids, device, dtype, size, missing=None):
         """As StableDiffusion3Pipeline.encode_prompt (no clip skip): the CLIPs' penultimate states
@@ -274,7 +297,7 @@ class SD3(Family):
         dtype = dtype or hidden.dtype
         return Conditioning(hidden.to(dtype), pooled.to(dtype))
 
-    def model_inputs(self, noisy, timesteps, cond):
+    def model_inputs(self, noisy, timesteps, cond, config=None):
         if timesteps.ndim == 0:  # one timestep for the batch, as the pipeline expands it
             timesteps = timesteps.expand(noisy.shape[0])
         return {"hidden_states": noisy, "timestep": timesteps, "encoder_hidden_states": cond.encoder_hidden_states,
@@ -286,13 +309,19 @@ class SD3(Family):
 
 class VideoFamily(Family):
     """What the video families share: a transformer in transformer/, one T5-family text encoder read
-    at the pipeline's text length, no pipeline extras."""
+    at the pipeline's text length, a video VAE that takes (N, 3, F, H, W) pixels and compresses time
+    (so a clip has k * compression + 1 frames: the first frame is encoded alone), no pipeline extras.
+    Video pairs are read from video_0 and video_1 (sdpo/video.py)."""
 
+    article = "a"
+    video = True
     denoiser_folder = "transformer"
     denoiser_name = "transformer"
-    resolution = 480
+    memory_savers = True  # a clip's activations are those of dozens of images
+    size_multiple = 16  # the VAE's 8 x the transformer's patch size 2
     TEXT_LENGTH = 226
     pipeline_extras = {}
+    batch_invariant = False
 
     def tokenizer_class(self, folder):
         from transformers import AutoTokenizer
@@ -302,20 +331,49 @@ class VideoFamily(Family):
     def token_lengths(self, tokenizers, sampling=False):
         return [self.TEXT_LENGTH] * len(tokenizers)
 
+    def vae_input(self, pixels):
+        """Clips (N, F, 3, H, W) as the video VAE takes them, (N, 3, F, H, W)."""
+        return pixels.transpose(1, 2)
+
+    @staticmethod
+    def temporal_compression(vae_config) -> int:
+        raise NotImplementedError
+
+    def check_num_frames(self, num_frames: int, vae_config, denoiser_config) -> None:
+        """A ValueError unless the VAE can encode clips of `num_frames` frames without dropping any."""
+        r = self.temporal_compression(vae_config)
+        if num_frames < 1 or (num_frames - 1) % r:
+            below = (num_frames - 1) // r * r + 1
+            raise ValueError(f"the {self.label} VAE compresses time {r}x after the first frame: clips need "
+                             f"{r}k + 1 frames (e.g. {max(below, 1)} or {below + r}), got {num_frames}")
+
+    def model_inputs(self, noisy, timesteps, cond, config=None):
+        if timesteps.ndim == 0:  # one timestep for the batch, as the pipeline expands it
+            timesteps = timesteps.expand(noisy.shape[0])
+        return {"hidden_states": noisy, "timestep": timesteps, "encoder_hidden_states": cond.encoder_hidden_states}
+
+    def cache_identity(self, no_t5=False):
+        return {"sdxl": False, "family": self.name}
+
 
 class Wan21(VideoFamily):
     """Wan2.1 text-to-video (`WanPipeline`): a video transformer in transformer/, one UMT5 encoder
     whose states past each caption's tokens are zeros (as the pipeline's encode_prompt), latents
-    normalised per channel with the VAE's latents_mean and latents_std, rectified flow.
-    Not registered yet: video training lands with the video data (issue 15)."""
+    normalised per channel with the VAE's latents_mean and latents_std, rectified flow."""
 
     name = "wan21"
     label = "Wan2.1"
     pipeline_class = "WanPipeline"
     denoiser_class_name = "WanTransformer3DModel"
+    vae_class_name = "AutoencoderKLWan"
     text_parts = (("tokenizer", "text_encoder", "UMT5EncoderModel"),)
+    card_tag = "wan2.1"
+    default_pipeline = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    resolution, size, num_frames = 480, (480, 832), 81  # the pipeline's defaults
+    fps = 16  # as Wan2.1's examples export its videos
     sampling_steps, sampling_cfg = 50, 4.0  # the pipeline's guidance_scale 5
     sampling_scheduler_name = "UniPCMultistepScheduler"
+    sigma_density = True
     TEXT_LENGTH = 512  # WanPipeline's max_sequence_length
 
     def clean_caption(self, text: str) -> str:
@@ -327,13 +385,18 @@ class Wan21(VideoFamily):
     def encode(self, encoders, ids, device, dtype, size, missing=None):
         (encoder,) = encoders
         mask = (ids[0] != 0).long()  # T5's pad id is 0, and padding is all that is 0
-        hidden = encoder(ids[0], mask).last_hidden_state * mask.unsqueeze(-1)
+        # (On the meta device, where bench.py counts FLOPs, transformers cannot look into the mask;
+        # the count is the same without it.)
+        hidden = encoder(ids[0], None if ids[0].is_meta else mask).last_hidden_state * mask.unsqueeze(-1)
         return Conditioning(hidden if dtype is None else hidden.to(dtype))
 
-    def model_inputs(self, noisy, timesteps, cond):
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(noisy.shape[0])
-        return {"hidden_states": noisy, "timestep": timesteps, "encoder_hidden_states": cond.encoder_hidden_states}
+    @staticmethod
+    def temporal_compression(vae_config):
+        return 2 ** sum(vae_config.temperal_downsample)  # (diffusers' spelling)
+
+    @staticmethod
+    def latent_channels(vae_config):
+        return vae_config.z_dim
 
     @staticmethod
     def latent_norm(vae_config):
@@ -341,17 +404,41 @@ class Wan21(VideoFamily):
         mean = torch.tensor(vae_config.latents_mean).view(1, -1, 1, 1, 1)
         return 1.0 / torch.tensor(vae_config.latents_std).view(1, -1, 1, 1, 1), mean
 
+    def noise_scheduler_class(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler
+
+    def training_scheduler(self, config):
+        """The released pipelines ship a UniPC sampler with flow sigmas: training uses the grid of a
+        FlowMatchEulerDiscreteScheduler with the same shift (its flow_shift: 3.0 for Wan2.1-T2V-1.3B),
+        so that training and sampling see the same noise levels. A flow-matching Euler config is
+        taken as it is."""
+        cls = self.noise_scheduler_class()
+        if config.get("_class_name") == cls.__name__:
+            return cls.from_config(config)
+        return cls(num_train_timesteps=config.get("num_train_timesteps", 1000), shift=config.get("flow_shift", 1.0))
+
+    def noise_process(self, scheduler, args=None):
+        return rectified_flow(scheduler, args)
+
 
 class CogVideoX(VideoFamily):
     """CogVideoX text-to-video (`CogVideoXPipeline`): a video transformer that takes latents frames
-    first, (B, F, C, H, W), one T5 encoder (226 tokens), latents scaled by the VAE's scaling_factor,
-    v-prediction DDPM. Not registered yet: video training lands with the video data (issue 15)."""
+    first, (B, F, C, H, W), with 3D rotary embeddings computed from the latent size, one T5 encoder
+    (226 tokens), latents scaled by the VAE's scaling_factor, v-prediction DDPM on the betas of its
+    CogVideoXDDIMScheduler (SNR shift, zero terminal SNR)."""
 
     name = "cogvideox"
     label = "CogVideoX"
     pipeline_class = "CogVideoXPipeline"
     denoiser_class_name = "CogVideoXTransformer3DModel"
+    vae_class_name = "AutoencoderKLCogVideoX"
     text_parts = (("tokenizer", "text_encoder", "T5EncoderModel"),)
+    card_tag = "cogvideox"
+    default_pipeline = "THUDM/CogVideoX-2b"
+    resolution, size, num_frames = 480, (480, 720), 49  # the pipeline's defaults
+    fps = 8  # as CogVideoX's examples export its videos
     sampling_steps, sampling_cfg = 50, 5.0  # the pipeline's guidance_scale 6
     sampling_scheduler_name = "CogVideoXDDIMScheduler"
     TEXT_LENGTH = 226  # CogVideoXPipeline's max_sequence_length
@@ -362,9 +449,72 @@ class CogVideoX(VideoFamily):
         return Conditioning(hidden if dtype is None else hidden.to(dtype))
 
     @staticmethod
+    def temporal_compression(vae_config):
+        return vae_config.temporal_compression_ratio
+
+    def check_num_frames(self, num_frames, vae_config, denoiser_config):
+        super().check_num_frames(num_frames, vae_config, denoiser_config)
+        p_t = getattr(denoiser_config, "patch_size_t", None)
+        latent_frames = (num_frames - 1) // self.temporal_compression(vae_config) + 1
+        if p_t and latent_frames % p_t:  # CogVideoX 1.5 patches time too; its pipeline pads, training would not
+            raise ValueError(f"the transformer patches {p_t} latent frames together: {num_frames} frames make "
+                             f"{latent_frames} latent frames, not a multiple of {p_t}")
+
+    def noise_scheduler_class(self):
+        from diffusers import CogVideoXDDIMScheduler
+
+        return CogVideoXDDIMScheduler
+
+    def normalize(self, latents, scaling_factor, shift_factor):
+        return self.to_frames_first(super().normalize(latents, scaling_factor, shift_factor))
+
+    def denormalize(self, latents, scaling_factor, shift_factor):
+        return super().denormalize(latents.permute(0, 2, 1, 3, 4), scaling_factor, shift_factor)
+
+    @staticmethod
     def to_frames_first(latents):
         """VAE latents (B, C, F, H, W) as the transformer takes them, (B, F, C, H, W)."""
         return latents.permute(0, 2, 1, 3, 4)
+
+    def model_inputs(self, noisy, timesteps, cond, config=None):
+        inputs = super().model_inputs(noisy, timesteps, cond)
+        if config is None:
+            raise TypeError("CogVideoX's inputs need the transformer's config (its rotary embeddings)")
+        if config.use_rotary_positional_embeddings:
+            frames, _, height, width = noisy.shape[1:]
+            inputs["image_rotary_emb"] = self.rotary_embeddings(config, frames, height, width, noisy.device)
+        return inputs
+
+    @staticmethod
+    def rotary_embeddings(config, frames: int, height: int, width: int, device):
+        """(cos, sin) for latents of (frames, height, width), as CogVideoXPipeline's
+        _prepare_rotary_positional_embeddings computes them from the pixel size."""
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+        from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+        p, p_t = config.patch_size, config.patch_size_t
+        grid = (height // p, width // p)
+        base_width, base_height = config.sample_width // p, config.sample_height // p
+        if p_t is None:  # CogVideoX 1.0
+            return get_3d_rotary_pos_embed(
+                embed_dim=config.attention_head_dim, grid_size=grid, temporal_size=frames, device=device,
+                crops_coords=get_resize_crop_region_for_grid(grid, base_width, base_height))
+        return get_3d_rotary_pos_embed(  # CogVideoX 1.5
+            embed_dim=config.attention_head_dim, crops_coords=None, grid_size=grid,
+            temporal_size=(frames + p_t - 1) // p_t, grid_type="slice", max_size=(base_height, base_width),
+            device=device)
+
+
+def rectified_flow(scheduler, args=None):
+    """The rectified-flow process on a flow-matching scheduler's grid, its sigmas drawn as the run's
+    --weighting_scheme says (sdpo.noise.RectifiedFlow)."""
+    from sdpo.noise import RectifiedFlow
+
+    check_static_shift(scheduler.config)
+    if args is None:
+        return RectifiedFlow(scheduler)
+    density = "uniform" if args.weighting_scheme == "none" else args.weighting_scheme
+    return RectifiedFlow(scheduler, density, args.logit_mean, args.logit_std, args.mode_scale)
 
 
 def check_static_shift(config) -> None:
@@ -376,8 +526,9 @@ def check_static_shift(config) -> None:
                          "(set use_dynamic_shifting false and shift in scheduler/scheduler_config.json)")
 
 
-FAMILIES = {f.name: f for f in (Family(), SDXL(), SD3())}
-SUPPORTED = "SD1.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline) and SD3/SD3.5 (StableDiffusion3Pipeline)"
+FAMILIES = {f.name: f for f in (Family(), SDXL(), SD3(), Wan21(), CogVideoX())}
+SUPPORTED = ("SD1.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline), SD3/SD3.5 (StableDiffusion3Pipeline), "
+             "Wan2.1 (WanPipeline) and CogVideoX (CogVideoXPipeline)")
 
 
 def get(name: str) -> Family:
@@ -413,11 +564,13 @@ def read_index(source: str, **hub) -> dict | None:
 
 
 def family_of_index(index: dict, source: str, flag: str) -> Family:
-    """The family of a pipeline by its parts: an SD3 transformer, or a UNet with one or two CLIP
-    encoders; anything else is refused, naming the families that are supported."""
+    """The family of a pipeline by its parts: a transformer of a family (SD3, Wan2.1, CogVideoX), or
+    a UNet with one or two CLIP encoders; anything else is refused, naming the families that are
+    supported."""
     part = lambda name: (index.get(name) or [None, None])[1]  # noqa: E731
-    if part("transformer") == SD3.denoiser_class_name:
-        return FAMILIES["sd3"]
+    for family in FAMILIES.values():
+        if family.denoiser_folder == "transformer" and part("transformer") == family.denoiser_class_name:
+            return family
     if part("unet") == Family.denoiser_class_name:
         return FAMILIES["sdxl" if part("text_encoder_2") else "sd15"]
     denoiser = part("transformer") or part("unet") or "no denoiser"
@@ -446,6 +599,6 @@ def resolve(source: str, sdxl: bool, flag: str = "--pretrained_model_name_or_pat
             raise
         return FAMILIES["sdxl" if sdxl else "sd15"]
     if strict and (found.name == "sdxl") != bool(sdxl):
-        raise InputError(f"{flag} {source} is an {found.label} pipeline: "
+        raise InputError(f"{flag} {source} is {found.article} {found.label} pipeline: "
                          f"{'add' if found.name == 'sdxl' else 'remove'} --sdxl")
     return found

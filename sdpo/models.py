@@ -66,6 +66,29 @@ class _DropEmptyFloat32Warning(logging.Filter):
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropEmptyFloat32Warning())
 
 
+def cast_frozen(model, dtype: torch.dtype):
+    """`model.to(dtype)` for a frozen model; a diffusers model as `from_pretrained(torch_dtype=dtype)`
+    leaves it: the tensors whose name holds a name its class keeps in fp32 (`_keep_in_fp32_modules`:
+    Wan2.1's norms, time embedder, rotary embedding and modulation tables) stay in fp32, as the
+    pipeline runs them. Cast before moving a model to the GPU: it moves at its final size."""
+    from diffusers import ModelMixin
+
+    # (transformers keeps its own list only under fp16 and in from_pretrained: its models are cast whole)
+    keep = (getattr(model, "_keep_in_fp32_modules", None) if isinstance(model, ModelMixin) else None) or []
+    if not keep:
+        return model.to(dtype=dtype)
+    for full_name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if not tensor.is_floating_point() or any(m in full_name.split(".") for m in keep):
+            continue
+        path, _, key = full_name.rpartition(".")
+        module = model.get_submodule(path)
+        if key in module._parameters:
+            tensor.data = tensor.data.to(dtype)
+        else:
+            module._buffers[key] = tensor.to(dtype)
+    return model
+
+
 def check_source(source: str, flag: str) -> None:
     """A pipeline or model source must be a folder or look like a hub id ("owner/name")."""
     if os.path.isdir(source):
@@ -108,18 +131,48 @@ def load_text_side(base: str, family, flag: str = "--pretrained_model_name_or_pa
     return load_tokenizers(base, family, flag, no_t5, **hub), encoders
 
 
-def load_vae(base: str, vae: str | None = None, vae_flag: str = "--pretrained_vae_model_name_or_path",
-             flag: str = "--pretrained_model_name_or_path", **hub):
-    """The VAE: a separate one (a folder or hub id holding only the VAE) or the pipeline's own."""
-    from diffusers import AutoencoderKL
+def vae_class(family=SD15):
+    import diffusers
 
+    return getattr(diffusers, family.vae_class_name)
+
+
+def load_vae(base: str, vae: str | None = None, vae_flag: str = "--pretrained_vae_model_name_or_path",
+             flag: str = "--pretrained_model_name_or_path", family=SD15, **hub):
+    """The VAE (the family's class: a video VAE for the video families): a separate one (a folder or
+    hub id holding only the VAE) or the pipeline's own."""
+    cls = vae_class(family)
     if vae:
-        return pretrained(AutoencoderKL, vae, vae_flag, **hub)
-    return pretrained(AutoencoderKL, base, flag, "vae", **hub)
+        return pretrained(cls, vae, vae_flag, **hub)
+    return pretrained(cls, base, flag, "vae", **hub)
 
 
 def load_scheduler(cls, base: str, flag: str = "--pretrained_model_name_or_path", **hub):
     return pretrained(cls, base, flag, "scheduler", **hub)
+
+
+def scheduler_config(base: str, flag: str = "--pretrained_model_name_or_path", **hub) -> dict:
+    """The pipeline's scheduler config, as its file holds it (whatever scheduler class it names)."""
+    from diffusers import DDPMScheduler  # (any ConfigMixin class reads the file as it is)
+
+    try:
+        return dict(DDPMScheduler.load_config(base, subfolder="scheduler", **hub))
+    except Exception as err:
+        raise InputError(f"{flag}: cannot load the scheduler config of {base}: {first_line(err)}") from None
+
+
+def vae_config(base: str, vae: str | None = None, family=SD15, flag: str = "--pretrained_model_name_or_path",
+               vae_flag: str = "--pretrained_vae_model_name_or_path", **hub):
+    """The VAE's config with its defaults filled in (as `vae.config` reads), built on the meta
+    device: no weights."""
+    source, subfolder, which = (vae, None, vae_flag) if vae else (base, "vae", flag)
+    cls = vae_class(family)
+    try:
+        config = cls.load_config(source, subfolder=subfolder, **hub)
+        with torch.device("meta"):
+            return cls.from_config(config).config
+    except Exception as err:
+        raise InputError(f"{which}: cannot read the VAE config of {source}: {first_line(err)}") from None
 
 
 # ---- UNets -----------------------------------------------------------------------------------
@@ -234,18 +287,17 @@ def meta_pipeline(base: str, family, flag: str = "--pretrained_model_name_or_pat
     """(tokenizers, text encoders, VAE, denoiser) of a pipeline built from its configs on the meta
     device: every shape, no weights (to count FLOPs at any size)."""
     import transformers
-    from diffusers import AutoencoderKL
     from transformers import AutoConfig
 
     parts = [(getattr(transformers, cls), name) for _, name, cls in family.text_folders()]
     try:
         configs = [AutoConfig.from_pretrained(base, subfolder=name, **hub) for _, name in parts]
-        vae_config = AutoencoderKL.load_config(base, subfolder="vae", **hub)
+        vae_config = vae_class(family).load_config(base, subfolder="vae", **hub)
     except Exception as err:
         raise InputError(f"{flag}: cannot read the configs of {base}: {first_line(err)}") from None
     with torch.device("meta"):
         encoders = [cls(config) for (cls, _), config in zip(parts, configs)]
-        vae = AutoencoderKL.from_config(vae_config)
+        vae = vae_class(family).from_config(vae_config)
     return (load_tokenizers(base, family, flag, **hub), encoders, vae,
             unet_from_config(base, flag, family.denoiser_folder, family, **hub))
 
@@ -270,7 +322,6 @@ def check_pipeline(base: str, family, vae: str | None, flag: str = "--pretrained
                    vae_flag: str = "--pretrained_vae_model_name_or_path", no_t5: bool = False, **hub) -> None:
     """The pipeline's parts must be there with readable configs (and the VAE's weights readable),
     found before any weight loads."""
-    from diffusers import AutoencoderKL
     from transformers import AutoConfig
 
     base_unet_shapes(base, flag, family, **hub)
@@ -281,7 +332,7 @@ def check_pipeline(base: str, family, vae: str | None, flag: str = "--pretrained
             raise InputError(f"{flag}: cannot read the {name} config of {base}: {first_line(err)}") from None
     source, subfolder, which = (vae, None, vae_flag) if vae else (base, "vae", flag)
     try:
-        AutoencoderKL.load_config(source, subfolder=subfolder, **hub)
+        vae_class(family).load_config(source, subfolder=subfolder, **hub)
     except Exception as err:
         raise InputError(f"{which}: cannot read the VAE config of {source}: {first_line(err)}") from None
     folder = os.path.join(source, subfolder) if subfolder else source

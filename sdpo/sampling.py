@@ -40,11 +40,11 @@ def sample(unet, vae, prompt_encoder, scheduler, prompts: list[str], height: int
     scale_input = getattr(scheduler, "scale_model_input", lambda x, t: x)  # flow matching has no input scaling
     for t in scheduler.timesteps:
         model_input = scale_input(latents, t).repeat(2, 1, 1, 1)
-        pred = unet(**family.model_inputs(model_input, t, both)).sample
+        pred = unet(**family.model_inputs(model_input, t, both, unet.config)).sample
         pred_cond, pred_uncond = pred.chunk(2)
         guided = pred_cond + cfg * (pred_cond - pred_uncond)
         latents = scheduler.step(guided, t, latents).prev_sample
-    x = family.denormalize(latents.float(), vae.config.scaling_factor, getattr(vae.config, "shift_factor", None))
+    x = family.denormalize(latents.float(), *family.latent_norm(vae.config))
     x = vae.decode(x.to(vae.dtype)).sample.float()
     x = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray((im * 255).round().astype("uint8")) for im in x]

@@ -420,6 +420,18 @@ def build_all(out: str, num_rows: int = 64) -> dict[str, str]:
     return paths
 
 
+def build_video(out: str, num_rows: int = 16) -> dict[str, str]:
+    """Build (or reuse) the tiny Wan2.1 and CogVideoX pipelines and the synthetic video dataset under `out`."""
+    paths = {name: os.path.join(out, name) for name in ("wan21", "cogvideox")}
+    paths["video_data"] = os.path.join(out, "video-pickapic")
+    for name, build in (("wan21", build_tiny_wan_pipeline), ("cogvideox", build_tiny_cogvideox_pipeline)):
+        if not os.path.exists(os.path.join(paths[name], "model_index.json")):
+            build(paths[name])
+    if not os.path.exists(os.path.join(paths["video_data"], "data")):
+        build_tiny_video_pickapic(paths["video_data"], num_rows=num_rows)
+    return paths
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder to write sd15/, sdxl/, sd3/ and pickapic/ into")

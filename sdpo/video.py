@@ -8,8 +8,6 @@ Both clips of a pair are sampled alike: the same frame indices (`num_frames` con
 from a start drawn once per pair within the shorter clip, or its middle without a generator) and
 the same resize and center crop. A clip that cannot be decoded, or has fewer frames than asked
 for, raises UnreadableVideo, and the pair is skipped and counted as an unreadable image pair is.
-
-Not wired into train.py yet (the video model families come next).
 """
 
 from __future__ import annotations
@@ -21,11 +19,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdpo.data import UnreadableImage
+
 VIDEO_COLUMNS = ("video_0", "video_1")
 
 
-class UnreadableVideo(Exception):
-    """A clip that cannot be used: not a decodable video, or too short."""
+class UnreadableVideo(UnreadableImage):
+    """A clip that cannot be used: not a decodable video, or too short (skipped and counted as an
+    unreadable image is)."""
 
 
 def _source(data):
@@ -47,7 +48,8 @@ def read_frames(data) -> list[np.ndarray]:
         with av.open(_source(data)) as container:
             if not container.streams.video:
                 raise UnreadableVideo("the file has no video stream")
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+            # (a copy: the array can share memory with a buffer the decoder reuses for later frames)
+            frames = [frame.to_ndarray(format="rgb24").copy() for frame in container.decode(video=0)]
     except UnreadableVideo:
         raise
     except Exception as err:  # av's FFmpeg errors, OSError for a missing path, ...

@@ -31,6 +31,14 @@ def tiny(tmp_path_factory):
     return build_all(str(tmp_path_factory.mktemp("tiny")), num_rows=48)
 
 
+@pytest.fixture(scope="session")
+def tiny_video(tmp_path_factory):
+    """Tiny random Wan2.1 and CogVideoX pipelines and a synthetic video preference set, built once."""
+    from sdpo.tiny import build_video
+
+    return build_video(str(tmp_path_factory.mktemp("tiny-video")))
+
+
 def tiny_train_args(model, data, out, *extra):
     return ["--pretrained_model_name_or_path", model, "--dataset_name", data, "--output_dir", out,
             "--resolution", "32", "--train_batch_size", "2", "--learning_rate", "1e-4", "--lr_warmup_steps", "0",

@@ -109,3 +109,28 @@ def test_every_mode_writes_its_json(tiny, tmp_path):
     loader = json.load(open(loader_json))
     rates = loader["pairs_per_second"]
     assert set(rates) == {"parquet", "cache"} and all(set(r) == {"0"} and r["0"] > 0 for r in rates.values())
+
+
+@pytest.mark.parametrize("arch,frames", [("wan21", 5), ("cogvideox", 9)])
+def test_video_architectures_are_counted_and_timed(tiny_video, arch, frames):
+    """--arch wan21|cogvideox on the tiny video pipelines: the step's parts add up, the policy is
+    about three reference forwards, a CPU step is timed, and one more sampling step costs one
+    transformer forward on the conditional and unconditional clips."""
+    common = ["--arch", arch, "--pretrained", tiny_video[arch], "--height", "32", "--width", "32", "--num_frames",
+              str(frames), "--batch_size", "1", "--steps", "1", "--warmup", "0", "--device", "cpu",
+              "--no-gradient_checkpointing"]
+    result = bench.main(common)
+    parts = result["flops"]
+    assert result["flops_per_pair"] == pytest.approx(sum(parts.values())) and parts["vae"] > 0 and parts["text"] > 0
+    assert 2.5 < parts["policy"] / parts["reference"] < 3.01
+    assert result["step_seconds"] > 0 and result["unet_parameters"] == result["trainable_parameters"]
+    counted = [bench.main([*common, "--mode", "sample", "--sample_steps", str(n), "--count_only"])["flops_per_image"]
+               for n in (3, 4)]
+    assert counted[1] > counted[0] > 0
+    for bad in (["--arch", "sd15", "--num_frames", "5", "--count_only"],
+                ["--arch", arch, "--mode", "sample", "--device", "cpu"],
+                ["--arch", arch, "--resolution", "32", "--count_only"],
+                ["--arch", arch, "--num_frames", "6", "--count_only"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(bad)
+        assert exit_info.value.code == 2

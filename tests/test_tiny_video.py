@@ -14,13 +14,9 @@ import torch
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sdpo", "configs")
 
 
-@pytest.fixture(scope="module")
-def video(tmp_path_factory):
-    from sdpo.tiny import build_tiny_cogvideox_pipeline, build_tiny_wan_pipeline
-
-    root = tmp_path_factory.mktemp("tiny-video")
-    return {"wan21": build_tiny_wan_pipeline(str(root / "wan21")),
-            "cogvideox": build_tiny_cogvideox_pipeline(str(root / "cogvideox"))}
+@pytest.fixture
+def video(tiny_video):
+    return tiny_video
 
 
 @pytest.mark.parametrize("name,frames,latent_frames", [("wan21", 5, 2), ("cogvideox", 9, 3)])

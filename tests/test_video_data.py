@@ -2,6 +2,7 @@
 both clips of a pair are sampled at the same frame indices and cropped alike, an undecodable or
 too short clip is refused with a message, and the synthetic video dataset loads with `datasets`."""
 
+import os
 import random
 
 import numpy as np
@@ -78,3 +79,58 @@ def test_the_synthetic_video_dataset_loads(tmp_path):
     smooth = 0 if data[0]["label_0"] == 1.0 else 1
     roughness = [float((clip[..., 1:] - clip[..., :-1]).abs().mean()) for clip in pair]
     assert 2 * roughness[smooth] < roughness[1 - smooth]
+
+
+def test_the_converter_writes_pairs_train_py_reads(tmp_path, tiny_video, capsys):
+    """scripts/convert_video_pairs.py on a VideoGen-RewardBench-style CSV: labels A/B/same become
+    1/0/0.5, a row with a missing video is left out, paths are stored absolute (or the bytes with
+    --embed), and train.py's check accepts the result for a video model."""
+    import sys
+
+    import pyarrow.parquet as pq
+
+    from conftest import ROOT
+    from sdpo.video import encode_mp4
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import convert_video_pairs
+
+    videos = tmp_path / "videos"
+    (videos / "m1").mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        (videos / "m1" / f"{name}.mp4").write_bytes(
+            encode_mp4(np.full((7, 32, 32, 3), ord(name), np.uint8)))
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_text("path_A,path_B,A_model,B_model,prompt,VQ,MQ,TA,Overall,num_frames_A,num_frames_B\n"
+                        "m1/a.mp4,m1/b.mp4,x,y,a cat,A,B,A,A,7,7\n"
+                        "m1/b.mp4,m1/c.mp4,x,y,a dog,B,B,B,B,7,7\n"
+                        "m1/a.mp4,m1/c.mp4,x,y,a cow,A,A,A,same,7,3\n"
+                        "m1/a.mp4,m1/gone.mp4,x,y,a pig,A,A,A,A,7,7\n")
+    out = tmp_path / "pairs"
+    summary = convert_video_pairs.main(["--csv", str(csv_path), "--videos", str(videos), "--out", str(out),
+                                        "--rows_per_shard", "2"])
+    assert summary == {"pairs": 3, "ties": 1, "missing": 1, "short": 0, "shards": 2, "folder": str(out)}
+    table = pq.read_table(sorted((out / "data").iterdir())[0]).to_pylist() + \
+        pq.read_table(sorted((out / "data").iterdir())[1]).to_pylist()
+    assert [r["label_0"] for r in table] == [1.0, 0.0, 0.5] and [r["caption"] for r in table] == ["a cat", "a dog", "a cow"]
+    assert table[0]["video_0"] == str(videos / "m1" / "a.mp4")
+    embedded = convert_video_pairs.main(["--csv", str(csv_path), "--videos", str(videos), "--out", str(tmp_path / "e"),
+                                         "--label", "VQ", "--embed"])
+    rows = pq.read_table(next((tmp_path / "e" / "data").iterdir())).to_pylist()
+    assert embedded["ties"] == 0 and rows[0]["video_0"] == (videos / "m1" / "a.mp4").read_bytes()
+    short = convert_video_pairs.main(["--csv", str(csv_path), "--videos", str(videos), "--out", str(tmp_path / "s"),
+                                      "--min_frames", "5"])
+    assert (short["pairs"], short["short"], short["missing"]) == (2, 1, 1)
+    (tmp_path / "latin1.csv").write_bytes("prompt,path_A,path_B,Overall\nun caf\xe9,a,b,A\n".encode("latin-1"))
+    with pytest.raises(SystemExit):
+        convert_video_pairs.main(["--csv", str(tmp_path / "latin1.csv"), "--videos", str(videos), "--out",
+                                  str(tmp_path / "l")])
+    assert "not a UTF-8 text file" in capsys.readouterr().err
+    from test_train import run_in_process
+    from test_video_train import video_args
+
+    run_in_process(video_args(tiny_video, "wan21", tmp_path / "run", "--check_only", "--train_batch_size", "1",
+                              data=str(out)))
+    with pytest.raises(SystemExit):
+        convert_video_pairs.main(["--csv", str(csv_path), "--videos", str(videos), "--out", str(out), "--label", "X"])
+    assert "has no column 'X'" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Shared by the launchers (sourced): the reference's common settings (a gradient-norm clip of 1.0 with
 # both optimizers, the reference's bf16 numerics), GPU detection, the effective batch, and
-# `accelerate launch train.py`. The caller sets FAMILY (sd15, sdxl or sd3), METHOD, BETA, MU, LR, BATCH, ACCUM and
+# `accelerate launch train.py`. The caller sets FAMILY (sd15, sdxl, sd3, wan21 or cogvideox), METHOD, BETA, MU, LR, BATCH, ACCUM and
 # optionally ALPHA and LAUNCHER_FLAGS (an array: the LoRA launchers' own settings, after the common
 # ones); the user's extra flags ("$@") come last and override anything here.
 # ACCELERATE_CONFIG_FILE, when set, is the user's accelerate config (multi-node, FSDP, ...): it
@@ -24,6 +24,12 @@ case "$FAMILY" in
     settings=(MODEL_NAME)
     arch=(--resolution=1024 --gradient_checkpointing)
     big=1 ;;
+  wan21|cogvideox)  # clips: the pipeline's size and length (train.py's defaults), AdamW with checkpointing
+    if [ "$FAMILY" = wan21 ]; then default_model=Wan-AI/Wan2.1-T2V-1.3B-Diffusers; else default_model=THUDM/CogVideoX-2b; fi
+    MODEL_NAME="${MODEL_NAME-$default_model}"
+    settings=(MODEL_NAME)
+    arch=(--gradient_checkpointing --no-use_adafactor)
+    big=0 ;;
   *)
     MODEL_NAME="${MODEL_NAME-stable-diffusion-v1-5/stable-diffusion-v1-5}"
     settings=(MODEL_NAME)
@@ -31,7 +37,12 @@ case "$FAMILY" in
     big=0 ;;
 esac
 # yuvalkirstain/pickapic_v2 has answered 404 on the hub since 2025: point DATASET_NAME at a local copy.
-DATASET_NAME="${DATASET_NAME-yuvalkirstain/pickapic_v2}"
+# Video pairs: what scripts/convert_video_pairs.py writes (see the README, "Video preference data").
+if [ "$FAMILY" = wan21 ] || [ "$FAMILY" = cogvideox ]; then
+  DATASET_NAME="${DATASET_NAME-data/videogen-rewardbench-pairs}"
+else
+  DATASET_NAME="${DATASET_NAME-yuvalkirstain/pickapic_v2}"
+fi
 OUTPUT_DIR="${OUTPUT_DIR-outputs/$(basename "$0" .sh)}"
 settings+=(DATASET_NAME OUTPUT_DIR)
 export "${settings[@]}"
