@@ -330,12 +330,8 @@ def check_pipeline(base: str, family, vae: str | None, flag: str = "--pretrained
             AutoConfig.from_pretrained(base, subfolder=name, **hub)
         except Exception as err:
             raise InputError(f"{flag}: cannot read the {name} config of {base}: {first_line(err)}") from None
-    source, subfolder, which = (vae, None, vae_flag) if vae else (base, "vae", flag)
-    try:
-        vae_class(family).load_config(source, subfolder=subfolder, **hub)
-    except Exception as err:
-        raise InputError(f"{which}: cannot read the VAE config of {source}: {first_line(err)}") from None
-    folder = os.path.join(source, subfolder) if subfolder else source
+    vae_config(base, vae, family, flag, vae_flag, **hub)
+    folder, which = (vae, vae_flag) if vae else (os.path.join(base, "vae"), flag)
     if os.path.isdir(folder):
         check_weight_files(folder, which)
 
